@@ -1,0 +1,124 @@
+"""Asyncio front of the engine: requests stream ``TokenChunk``s while one thread steps the engine.
+
+The engine thread holds ``_lock`` for each step; ``add_request`` and ``abort`` take the
+same lock, so an abort frees the request's blocks before the next step starts (at most
+one step after it is called). When several chunks of a request are ready before its
+consumer reads, the consumer receives them merged into one chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from services.engine.engine import LLMEngine
+from services.engine.llm import build_engine_config
+from services.engine.outputs import TokenChunk
+from services.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class _Stream:
+    """Hand-off of one request's chunks from the engine thread to its event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[TokenChunk | BaseException] = asyncio.Queue()
+
+    def put(self, item: TokenChunk | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening
+            pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_model(cls, model: str, **options) -> "AsyncEngine":
+        return cls(LLMEngine(build_engine_config(model, **options)))
+
+    # ---- client side (event loop) --------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, priority: int = 0) -> AsyncIterator[TokenChunk]:
+        """Queue a request now (ValueError / EngineOverloadedError raise here) and return its
+        stream. Leaving the stream before its last chunk aborts the request."""
+        stream = _Stream(asyncio.get_running_loop())
+        with self._lock:
+            req = self.engine.add_request(prompt, params, request_id=request_id, priority=priority)
+            self._streams[req.request_id] = stream
+        self._wake.set()
+        return self._iterate(req.request_id, stream)
+
+    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[TokenChunk]:
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                while not isinstance(item, BaseException) and not item.finished and not stream.queue.empty():
+                    nxt = stream.queue.get_nowait()
+                    item = nxt if isinstance(nxt, BaseException) else item.merge(nxt)
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> bool:
+        """Finish the request and free every block it holds; False if it is unknown or done."""
+        with self._lock:
+            chunk = self.engine.abort(request_id)
+            stream = self._streams.pop(request_id, None)
+        if stream is not None and chunk is not None:
+            stream.put(chunk)
+        return chunk is not None
+
+    def stats(self):
+        with self._lock:
+            return self.engine.snapshot_stats()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    # ---- engine thread -------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping:
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            with self._lock:
+                try:
+                    chunks = self.engine.step()
+                except Exception as exc:  # a bug in a step must not hang every client
+                    log.exception("engine step failed; aborting all running requests")
+                    self._fail_all(exc)
+                    continue
+                streams = [(self._streams.get(c.request_id), c) for c in chunks]
+                for c in chunks:
+                    if c.finished:
+                        self._streams.pop(c.request_id, None)
+            for stream, chunk in streams:
+                if stream is not None:
+                    stream.put(chunk)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for rid, stream in list(self._streams.items()):
+            self.engine.abort(rid)
+            stream.put(RuntimeError(f"engine step failed: {exc}"))
+        self._streams.clear()

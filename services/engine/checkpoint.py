@@ -1,0 +1,157 @@
+"""Reading Hugging Face safetensors checkpoints, with errors that name the broken file.
+
+A checkpoint folder holds ``config.json`` and either ``model.safetensors`` or a sharded
+``model.safetensors.index.json`` whose ``weight_map`` points at shard files. Tensors are
+read lazily through ``safetensors.safe_open`` (memory-mapped, never pickle).
+
+The fingerprint identifies a model for the shared prefix cache: sha256 over the bytes of
+``config.json`` and the JSON header of every safetensors file (names, dtypes, shapes,
+offsets and ``__metadata__``; not the tensor data, so it costs a few reads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing a file, or holds a file or tensor that does not fit."""
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files of the checkpoint at ``path``, sorted by name."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path / 'config.json'}: not found (a checkpoint folder needs config.json)")
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: invalid index, expected {{'weight_map': {{name: file}}}} ({e!r})") from None
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: references missing shard file(s) {missing}")
+        return [path / s for s in shards]
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (no *.safetensors files)")
+    return files
+
+
+class CheckpointReader:
+    """Lazy, name-addressed access to every tensor of a checkpoint; use as a context manager."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._handles = []
+        self._where: dict[str, tuple[object, Path]] = {}  # tensor name -> (open file, its path)
+        for file in weight_files(self.path):
+            handle = _open(file)
+            self._handles.append(handle)
+            for name in handle.keys():
+                if name in self._where:
+                    raise CheckpointError(f"{file}: tensor {name!r} is also in {self._where[name][1].name}")
+                self._where[name] = (handle, file)
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._where.clear()
+
+    def names(self) -> set[str]:
+        """Every tensor name in the checkpoint."""
+        return set(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        handle, _ = self._locate(name)
+        return tuple(handle.get_slice(name).get_shape())
+
+    def get(self, name: str, expected_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Read tensor ``name`` (CPU, stored dtype); check its shape when ``expected_shape`` is given."""
+        handle, file = self._locate(name)
+        if expected_shape is not None:
+            got = tuple(handle.get_slice(name).get_shape())
+            if got != tuple(expected_shape):
+                raise CheckpointError(f"{file}: tensor {name!r} has shape {list(got)}, "
+                                      f"expected {list(expected_shape)}")
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:  # truncated data section, unknown dtype
+            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
+
+    def _locate(self, name: str) -> tuple[object, Path]:
+        if name not in self._where:
+            raise CheckpointError(f"{self.path}: missing tensor {name!r}")
+        return self._where[name]
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError for a bad header
+        raise CheckpointError(f"{file}: corrupt safetensors file ({e})") from None
+
+
+def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every tensor of the checkpoint, file by file, names sorted."""
+    for file in weight_files(path):
+        handle = _open(file)
+        for name in sorted(handle.keys()):
+            try:
+                yield name, handle.get_tensor(name)
+            except Exception as e:
+                raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
+
+
+def read_header(file: Path) -> bytes:
+    """The raw JSON header bytes of one safetensors file (after its 8-byte length prefix)."""
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise CheckpointError(f"{file}: corrupt safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > _MAX_HEADER_BYTES:
+            raise CheckpointError(f"{file}: corrupt safetensors file (header length {n} bytes)")
+        header = f.read(n)
+    if len(header) != n:
+        raise CheckpointError(f"{file}: corrupt safetensors file (header truncated: {len(header)} of {n} bytes)")
+    return header
+
+
+def checkpoint_fingerprint(path: str | Path) -> str:
+    """sha256 hex of config.json bytes and every safetensors header, files in sorted order.
+
+    Stable for the same folder; differs whenever the config, a tensor's name, dtype or shape,
+    or a file's ``__metadata__`` differs. Two checkpoints with identical configs and headers
+    but different weight values get the same fingerprint.
+    """
+    path = Path(path)
+    files = weight_files(path)
+    digest = hashlib.sha256()
+    for part in [(path / "config.json").read_bytes()] + [read_header(f) for f in sorted(files, key=lambda f: f.name)]:
+        digest.update(len(part).to_bytes(8, "little"))  # length-prefixed: no ambiguity between parts
+        digest.update(part)
+    return digest.hexdigest()

@@ -1,0 +1,201 @@
+"""The synchronous engine core: admission, one scheduling step at a time, output processing.
+
+``LLMEngine.step()`` runs one scheduler step and returns a ``TokenChunk`` for every request
+that produced output (or finished) in that step. It is not thread-safe: the offline
+``LLM`` drives it directly and ``AsyncEngine`` from its own engine thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from services.engine.checkpoint import checkpoint_fingerprint
+from services.engine.config import EngineConfig
+from services.engine.kv_cache import KVCacheManager, hash_seed
+from services.engine.model.registry import load_model
+from services.engine.outputs import TokenChunk
+from services.engine.request import Request
+from services.engine.runner import ModelRunner, kv_bytes_per_block
+from services.engine.sampler import Sampler
+from services.engine.sampling_params import SamplingParams
+from services.engine.scheduler import Scheduler
+from services.engine.tokenizer import Detokenizer, Tokenizer
+
+
+@dataclass
+class EngineStats:
+    """Counters since start (monotonic) and gauges (now)."""
+
+    num_prompt_tokens_computed: int = 0  # prompt/recompute tokens run through the model
+    num_prompt_tokens: int = 0  # prompt tokens of admitted requests
+    num_cached_prompt_tokens: int = 0  # of those, served from the local prefix cache
+    num_generated_tokens: int = 0
+    num_preemptions: int = 0
+    num_steps: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_free: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.model = load_model(config.model, device=self.device, dtype=config.dtype)
+        self.model_config = self.model.config
+        self.tokenizer = Tokenizer(config.model)
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self.fingerprint = checkpoint_fingerprint(config.model)
+        mc = self.model_config
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        num_blocks = config.cache.num_blocks or max(1, config.cache.memory_bytes // kv_bytes_per_block(
+            mc.num_layers, config.cache.block_size, mc.num_kv_heads, mc.head_dim, config.dtype))
+        seed = hash_seed(self.fingerprint, str(config.dtype).removeprefix("torch."), config.cache.block_size)
+        self.kv = KVCacheManager(num_blocks, config.cache.block_size, seed, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.runner = ModelRunner(self.model, self.kv, num_blocks, self.device, config.dtype, Sampler(generator))
+        self.eos_token_ids = frozenset(mc.eos_token_ids)
+        self.stats = EngineStats(kv_blocks_total=num_blocks)
+        self._ids = itertools.count()
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, priority: int = 0,
+                    arrival_time: float | None = None) -> Request:
+        """Validate and queue a request. ValueError names the bad field; overload raises
+        ``EngineOverloadedError``."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id: must be a non-empty string")
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        token_ids = self._prompt_ids(prompt)
+        self._check_lengths(len(token_ids), params)
+        req = Request(request_id, token_ids, params, priority=priority,
+                      arrival_time=time.monotonic() if arrival_time is None else arrival_time)
+        if params.seed is not None:
+            req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        if params.logprobs is not None:
+            req.logprobs = []
+        self.scheduler.add(req)
+        return req
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: must not be empty")
+            ids = self.tokenizer.encode(prompt)
+            if not ids:
+                raise ValueError("prompt: tokenizes to zero tokens")
+            return ids
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ValueError("prompt_token_ids: must be a list of integers")
+        if not prompt:
+            raise ValueError("prompt_token_ids: must not be empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids: token id {bad} is outside the vocabulary [0, {vocab})")
+        return list(prompt)
+
+    def _check_lengths(self, num_prompt: int, params: SamplingParams) -> None:
+        if num_prompt + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens: prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"model's context length of {self.max_model_len} tokens")
+        need = self.kv.blocks_needed(num_prompt + params.max_tokens)
+        if need > self.kv.pool.num_blocks:
+            raise ValueError(
+                f"max_tokens: prompt + max_tokens needs {need} KV blocks but the cache holds only "
+                f"{self.kv.pool.num_blocks}")
+        bad = next((t for t in params.stop_token_ids if t >= self.model_config.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"stop_token_ids: token id {bad} is outside the vocabulary")
+
+    def abort(self, request_id: str) -> TokenChunk | None:
+        """Finish a request now and free all its blocks; returns its last chunk (None if unknown)."""
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            return None
+        self.scheduler.finish(req, "abort")
+        return self._chunk(req, [], None, flush=True)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ------------------------------------------------------------------------
+    def step(self) -> list[TokenChunk]:
+        """Schedule and run one batch; return the output of every request that made progress."""
+        out = self.scheduler.schedule()
+        self.stats.num_preemptions += len(out.preempted_request_ids)
+        if out.is_empty:
+            return []
+        for rid in out.new_request_ids:
+            req = self.scheduler.requests[rid]
+            if req.num_preemptions == 0:
+                self.stats.num_prompt_tokens += req.num_prompt_tokens
+                self.stats.num_cached_prompt_tokens += out.num_cached_tokens[rid]
+        requests = self.scheduler.requests
+        result = self.runner.execute(out.num_scheduled_tokens, requests)
+        self.scheduler.update_after_step(out)
+        self.stats.num_prompt_tokens_computed += result.num_prompt_tokens_computed
+        self.stats.num_steps += 1
+        chunks = []
+        for i, rid in enumerate(result.request_ids):
+            lp = result.sample.logprobs[i]
+            chunks.append(self._append_token(requests[rid], result.sample.token_ids[i], lp))
+        return chunks
+
+    def _append_token(self, req: Request, token: int, logprob: dict[int, float] | None) -> TokenChunk:
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        req.output_token_ids.append(token)
+        if req.logprobs is not None:
+            req.logprobs.append(logprob)
+        self.stats.num_generated_tokens += 1
+        delta = self.detokenizer.step(req)
+        reason = self._stop_reason(req, token, len(delta))
+        if reason is not None:
+            self.scheduler.finish(req, reason)
+        return self._chunk(req, [token], None if logprob is None else [logprob], flush=reason is not None)
+
+    def _stop_reason(self, req: Request, token: int, delta_len: int) -> str | None:
+        p = req.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            req.stop_reason = token
+            return "stop"
+        if p.stop:
+            start = max(0, len(req.text) - delta_len - p.max_stop_len + 1)
+            hits = [(req.text.find(s, start), s) for s in p.stop]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if hits:
+                i, s = min(hits)
+                req.text = req.text[:i]
+                req.stop_reason = s
+                return "stop"
+        if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _chunk(self, req: Request, tokens: list[int], logprobs, flush: bool) -> TokenChunk:
+        hold = 0 if flush else max(req.params.max_stop_len - 1, 0)
+        upto = max(req.sent_text_len, len(req.text) - hold)
+        text = req.text[req.sent_text_len:upto]
+        req.sent_text_len = upto
+        return TokenChunk(req.request_id, tokens, text, logprobs, req.finish_reason, req.stop_reason,
+                          req.num_prompt_tokens, max(req.num_cached_tokens, 0), len(req.output_token_ids))
+
+    def snapshot_stats(self) -> EngineStats:
+        s = self.stats
+        s.num_running, s.num_waiting = self.scheduler.num_running, self.scheduler.num_waiting
+        s.kv_blocks_free = self.kv.num_free_blocks
+        return EngineStats(**vars(s))

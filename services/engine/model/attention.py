@@ -1,0 +1,147 @@
+"""Attention over the paged KV cache.
+
+Glossary
+- slot: one token position in the KV cache; ``slot = block_id * block_size + offset``.
+- KV cache of one layer: a tensor ``[2, num_blocks, block_size, num_kv_heads, head_dim]``
+  (index 0 = K, 1 = V). Block ids come from the engine's ``BlockPool``.
+- decode sequence: a sequence that contributes exactly one query token this step.
+- prefill sequence: a sequence that contributes more than one query token (a prompt
+  chunk, or a speculative verification window); it may already have context in cache.
+
+Every step the runner builds one ``AttentionMetadata`` that all layers share. The
+attention reads K/V straight from the paged cache through block tables; the new tokens'
+K/V are written to their slots first, so a sequence's query attends to
+``cache[0:seq_len]`` of its own blocks with causal masking offset by its context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PrefillSlice:
+    """One sequence with more than one query token this step.
+
+    Invariant: ``q_end - q_start <= seq_len``; the query tokens are the last
+    ``q_end - q_start`` positions of the sequence's first ``seq_len`` cached tokens.
+    """
+
+    q_start: int  # first row of this sequence in the flattened token batch
+    q_end: int  # one past its last row
+    seq_len: int  # tokens of context after this step (cached + new)
+    block_ids: torch.Tensor  # [ceil(seq_len / block_size)] int64, the sequence's blocks in order
+    mask: torch.Tensor | None  # [q_len, seq_len] bool (True = attend), None = plain causal, no offset
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Per-step batch layout, built once by the runner and shared by all layers.
+
+    Token rows ``[0, num_decodes)`` are the decode sequences (one query token each, in the
+    order of ``decode_block_tables``); the remaining rows belong to ``prefills``.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64, cache slot where each new token's K/V goes
+    num_decodes: int  # number of decode sequences (= their token rows)
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int64 (padded with 0)
+    decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_blocks*block_size] float additive mask
+    prefills: tuple[PrefillSlice, ...]  # the other sequences, rows after the decodes
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store the new tokens' K/V. kv_cache [2, N, bs, Hkv, D]; k, v [T, Hkv, D]; slots [T]."""
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.to(kv_cache.dtype))
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.to(kv_cache.dtype))
+
+
+class PagedAttention(nn.Module):
+    """Multi-head attention with grouped KV heads over the paged cache (no weights)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] for the new tokens -> output [T, H, D]."""
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = self._decode(q[:nd], kv_cache, meta)
+        for p in meta.prefills:
+            out[p.q_start:p.q_end] = self._prefill(q[p.q_start:p.q_end], k, v, kv_cache, p)
+        return out
+
+    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """One query per sequence. q [B, H, D] -> [B, H, D]."""
+        b = q.shape[0]
+        groups = self.num_heads // self.num_kv_heads
+        # [B, max_blocks, bs, Hkv, D] -> [B, Hkv, L, D]
+        keys = kv_cache[0][meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
+        values = kv_cache[1][meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
+        qg = q.view(b, self.num_kv_heads, groups, self.head_dim)  # [B, Hkv, G, D]
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(self.scale)  # [B, Hkv, G, L]
+        scores.add_(meta.decode_mask)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+        return torch.matmul(probs, values).view(b, self.num_heads, self.head_dim)
+
+    def _prefill(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                 kv_cache: torch.Tensor, p: PrefillSlice) -> torch.Tensor:
+        """q [Tq, H, D] -> [Tq, H, D], attending to the sequence's first seq_len cached tokens."""
+        q_len = p.q_end - p.q_start
+        if q_len == p.seq_len:  # no earlier context: the new K/V are the whole sequence
+            keys, values = k_new[p.q_start:p.q_end], v_new[p.q_start:p.q_end]
+        else:
+            keys = kv_cache[0][p.block_ids].flatten(0, 1)[:p.seq_len]
+            values = kv_cache[1][p.block_ids].flatten(0, 1)[:p.seq_len]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),  # [1, H, Tq, D]
+            keys.transpose(0, 1).unsqueeze(0).to(q.dtype),  # [1, Hkv, S, D]
+            values.transpose(0, 1).unsqueeze(0).to(q.dtype),
+            attn_mask=p.mask,
+            is_causal=p.mask is None,
+            scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return out.squeeze(0).transpose(0, 1)
+
+
+def causal_mask(q_len: int, seq_len: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Mask [q_len, seq_len] (True = attend) for queries at positions seq_len-q_len .. seq_len-1.
+
+    Returns None when plain top-left causal masking (``is_causal``) is exact.
+    """
+    if q_len == seq_len and (sliding_window is None or seq_len <= sliding_window):
+        return None
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=device).unsqueeze(1)
+    k_pos = torch.arange(seq_len, device=device).unsqueeze(0)
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
+
+
+def decode_mask(seq_lens: torch.Tensor, width: int, sliding_window: int | None,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B, 1, 1, width]: 0 where key position < seq_len (and inside the window)."""
+    k_pos = torch.arange(width, device=seq_lens.device).unsqueeze(0)
+    keep = k_pos < seq_lens.unsqueeze(1)
+    if sliding_window is not None:
+        keep &= k_pos >= (seq_lens.unsqueeze(1) - sliding_window)
+    mask = torch.zeros(keep.shape, dtype=dtype, device=seq_lens.device)
+    mask.masked_fill_(~keep, float("-inf"))
+    return mask.view(len(seq_lens), 1, 1, width)

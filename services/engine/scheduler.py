@@ -1,0 +1,183 @@
+"""Continuous-batching scheduler with chunked prefill and preemption by recompute.
+
+Each step it hands out a token budget: running requests first (decodes take 1 token,
+unfinished prompt chunks take what is left of their prompt), then waiting requests in
+(priority, arrival) order, each possibly starting from a cached prefix. When the pool has
+no room for a running request, the lowest-priority running request is preempted: its
+blocks are freed and it is recomputed from scratch later (its generated tokens are kept
+and recomputed as part of its prompt).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+from services.engine.config import SchedulerConfig
+from services.engine.kv_cache import KVCacheManager
+from services.engine.request import Request, RequestStatus
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full (request count or token limit); retry later."""
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step computes: ``{request_id: num_tokens}`` plus the diffs since the last step."""
+
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)  # tokens to compute per request
+    new_request_ids: list[str] = field(default_factory=list)  # admitted (or resumed) this step
+    preempted_request_ids: list[str] = field(default_factory=list)  # lost their blocks this step
+    num_cached_tokens: dict[str, int] = field(default_factory=dict)  # prefix-cache hits of new ones
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.num_scheduled_tokens
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.requests: dict[str, Request] = {}
+        self.running: list[Request] = []
+        self._waiting: list[tuple[int, float, int, Request]] = []  # heap
+        self._counter = itertools.count()
+        self.waiting_tokens = 0
+
+    # ---- queue ---------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def add(self, req: Request) -> None:
+        """Queue a request, or raise EngineOverloadedError when admission limits are hit."""
+        if len(self._waiting) >= self.config.max_waiting_requests:
+            raise EngineOverloadedError(
+                f"waiting queue full ({len(self._waiting)} requests, limit max_waiting_requests="
+                f"{self.config.max_waiting_requests})")
+        if self.waiting_tokens + req.num_tokens > self.config.max_waiting_tokens:
+            raise EngineOverloadedError(
+                f"waiting queue full ({self.waiting_tokens} tokens queued, limit max_waiting_tokens="
+                f"{self.config.max_waiting_tokens})")
+        self.requests[req.request_id] = req
+        self._push_waiting(req)
+
+    def _push_waiting(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING if req.num_preemptions == 0 else RequestStatus.PREEMPTED
+        heapq.heappush(self._waiting, (req.priority, req.arrival_time, next(self._counter), req))
+        self.waiting_tokens += req.num_tokens
+
+    def _pop_waiting(self) -> Request:
+        req = heapq.heappop(self._waiting)[3]
+        self.waiting_tokens -= req.num_tokens
+        return req
+
+    def finish(self, req: Request, reason: str) -> None:
+        """Mark a request finished (stop, length or abort) and free its blocks at once."""
+        if req.is_finished:
+            return
+        if req in self.running:
+            self.running.remove(req)
+        elif req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            self._waiting = [e for e in self._waiting if e[3] is not req]
+            heapq.heapify(self._waiting)
+            self.waiting_tokens -= req.num_tokens
+        self.kv.free(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        self.requests.pop(req.request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self._waiting)
+
+    # ---- one step ------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        preempted = self._schedule_running(out, budget)
+        budget -= out.total_num_scheduled_tokens
+        if not preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _num_new_tokens(self, req: Request, budget: int) -> int:
+        n = req.num_tokens - req.num_computed_tokens
+        if self.config.enable_chunked_prefill:
+            return min(n, budget)
+        return n if n <= budget else 0
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> bool:
+        preempted = False
+        self.running.sort(key=Request.sort_key)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = self._num_new_tokens(req, budget)
+            if n == 0:
+                i += 1
+                continue
+            while not self.kv.allocate(req, n):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                preempted = True
+                if victim is req:
+                    break
+            else:
+                out.num_scheduled_tokens[req.request_id] = n
+                budget -= n
+                i += 1
+        return preempted
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        out.num_scheduled_tokens.pop(req.request_id, None)
+        out.preempted_request_ids.append(req.request_id)
+        self._push_waiting(req)
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self._waiting[0][3]
+            cached = self.kv.find_cached_prefix(req)
+            num_cached = len(cached) * self.kv.block_size
+            n = self._num_new_tokens(_Shifted(req, num_cached), budget)
+            if n == 0 or not self.kv.allocate(req, n, cached):
+                break
+            self._pop_waiting()
+            req.num_computed_tokens = num_cached
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.num_scheduled_tokens[req.request_id] = n
+            out.new_request_ids.append(req.request_id)
+            out.num_cached_tokens[req.request_id] = num_cached
+            budget -= n
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Advance computed-token counts and publish newly full blocks for reuse."""
+        for rid, n in out.num_scheduled_tokens.items():
+            req = self.requests[rid]
+            req.num_computed_tokens += n
+            self.kv.cache_full_blocks(req, req.num_computed_tokens)
+
+
+class _Shifted:
+    """A view of a request as if ``extra`` more tokens were already computed."""
+
+    def __init__(self, req: Request, extra: int):
+        self.num_tokens = req.num_tokens
+        self.num_computed_tokens = req.num_computed_tokens + extra
