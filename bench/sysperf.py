@@ -1,0 +1,79 @@
+"""The machine's limits that bound decode speed, and the environment a run was taken in.
+
+Glossary
+- read bandwidth: bytes per second torch reads when it sums a large fp32 tensor (best of
+  several runs, at torch's current thread count); STREAM counts a read-only sum as 1x.
+- weight bytes per token: what batch-1 decode must stream from memory for every new token:
+  every parameter except the input embedding table (a lookup touches one row), but the
+  table counts once when the LM head shares it (tied). Routed MoE experts count at
+  ``top_k / num_experts`` of their bytes (the experts one token visits).
+- memory floor: weight bytes per token / read bandwidth = the fastest batch-1 TPOT possible.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+import torch
+
+
+def read_bandwidth_gbps(mib: int = 1024, reps: int = 5) -> float:
+    """Best-of-``reps`` GB/s (1e9 B/s) of ``tensor.sum()`` over a ``mib`` MiB fp32 tensor."""
+    x = torch.ones(mib * (1 << 20) // 4, dtype=torch.float32)
+    x.sum()  # page faults, thread pool
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_token(model: torch.nn.Module, model_config) -> int:
+    """Bytes of weights one batch-1 decode step streams (see the module glossary)."""
+    total = 0
+    embed = getattr(model, "embed_tokens", None)
+    tied = bool(getattr(model_config, "tie_word_embeddings", False))
+    num_experts = getattr(model_config, "num_experts", 0) or 0
+    top_k = getattr(model_config, "num_experts_per_tok", 0) or 0
+    for name, p in model.named_parameters():
+        nbytes = p.numel() * p.element_size()
+        if embed is not None and p is embed.weight and not tied:
+            continue
+        if ".experts." in name and num_experts:
+            nbytes = nbytes * top_k // num_experts
+        total += nbytes
+    return total
+
+
+def param_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (platform string elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    """Versions, threads and CPU of this run."""
+    env = {"python": sys.version.split()[0], "torch": torch.__version__,
+           "torch_threads": torch.get_num_threads(), "cpu_model": cpu_model(),
+           "nproc": os.cpu_count(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "platform": platform.platform()}
+    try:
+        import transformers
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        env["transformers"] = None
+    return env
