@@ -138,6 +138,10 @@ def read_header(file: Path) -> bytes:
         header = f.read(n)
     if len(header) != n:
         raise CheckpointError(f"{file}: corrupt safetensors file (header truncated: {len(header)} of {n} bytes)")
+    try:
+        json.loads(header)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: corrupt safetensors file (header is not JSON: {e})") from None
     return header
 
 
