@@ -7,9 +7,11 @@
 Tensor names are the ones real Hub checkpoints use (per-expert MoE tensors such as
 ``block_sparse_moe.experts.0.w1.weight``), never transformers' in-memory fused layout.
 
-Random init is chosen so that greedy decoding has clear margins: projections are
-``N(0, 1/fan_in)`` (each layer adds a contribution of the residual's size, so attention
-matters), the LM head ``N(0, 16/D)`` (logit std ~4) and norm weights ``1 + N(0, 0.01)``.
+Random init is chosen so that greedy decoding has clear margins: projections and the LM
+head are ``N(0, 1/fan_in)`` (each layer adds a contribution of the residual's size, so
+attention matters), biases ``N(0, 0.01)``, norm weights ``1 + N(0, 0.01)``, except the final
+norm, scaled by ``LOGIT_SCALE`` so that logits have std ~10 (peaked, wide top-1 margins;
+the scale does not change which token is the argmax). Untied embeddings are ``N(0, 1)``.
 
 The tokenizer is a byte-level BPE trained in about a second on ``pydoc_data.topics``
 (bundled with CPython), vocab ``min(model vocab, 4096)``, with special tokens
