@@ -145,17 +145,32 @@ def read_header(file: Path) -> bytes:
     return header
 
 
-def checkpoint_fingerprint(path: str | Path) -> str:
-    """sha256 hex of config.json bytes and every safetensors header, files in sorted order.
+def checkpoint_fingerprint(path: str | Path, sample_bytes: int = 1 << 16) -> str:
+    """sha256 hex of config.json, every safetensors header, and a sample of every file's
+    tensor data (its first and last ``sample_bytes``), files in sorted order.
 
     Stable for the same folder; differs whenever the config, a tensor's name, dtype or shape,
-    or a file's ``__metadata__`` differs. Two checkpoints with identical configs and headers
-    but different weight values get the same fingerprint.
+    a file's ``__metadata__`` differs, and (through the data sample) for fine-tunes that
+    share config and shapes, at the cost of reading 128 KiB per file.
     """
     path = Path(path)
-    files = weight_files(path)
+    files = sorted(weight_files(path), key=lambda f: f.name)
+    parts = [(path / "config.json").read_bytes()]
+    for f in files:
+        header = read_header(f)
+        parts += [header, _data_sample(f, len(header) + 8, sample_bytes)]
     digest = hashlib.sha256()
-    for part in [(path / "config.json").read_bytes()] + [read_header(f) for f in sorted(files, key=lambda f: f.name)]:
+    for part in parts:
         digest.update(len(part).to_bytes(8, "little"))  # length-prefixed: no ambiguity between parts
         digest.update(part)
     return digest.hexdigest()
+
+
+def _data_sample(file: Path, data_start: int, n: int) -> bytes:
+    """The first and last ``n`` bytes of a safetensors file's data section."""
+    with open(file, "rb") as fh:
+        size = fh.seek(0, 2)
+        fh.seek(data_start)
+        head = fh.read(n)
+        fh.seek(max(data_start, size - n))
+        return head + fh.read(n)

@@ -53,6 +53,9 @@ class LLMEngine:
         self.fingerprint = checkpoint_fingerprint(config.model)
         mc = self.model_config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len: {self.max_model_len} exceeds the model's max_position_embeddings "
+                             f"({mc.max_position_embeddings})")
         num_blocks = config.cache.num_blocks or max(1, config.cache.memory_bytes // kv_bytes_per_block(
             mc.num_layers, config.cache.block_size, mc.num_kv_heads, mc.head_dim, config.dtype))
         seed = hash_seed(self.fingerprint, str(config.dtype).removeprefix("torch."), config.cache.block_size)
