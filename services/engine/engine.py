@@ -168,6 +168,8 @@ class LLMEngine:
         delta = self.detokenizer.step(req)
         reason = self._stop_reason(req, token, len(delta))
         if reason is not None:
+            if not (reason == "stop" and isinstance(req.stop_reason, str)):
+                self.detokenizer.flush(req)
             self.scheduler.finish(req, reason)
         return self._chunk(req, [token], None if logprob is None else [logprob], flush=reason is not None)
 

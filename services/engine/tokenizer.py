@@ -61,3 +61,17 @@ class Detokenizer:
         req.read_offset = len(ids)
         req.text += delta
         return delta
+
+    def flush(self, req: Request) -> str:
+        """At the end of a request, append text still held back (an incomplete UTF-8 tail
+        decodes to replacement characters, as a full ``decode`` would)."""
+        ids = req.output_token_ids
+        if req.read_offset >= len(ids):
+            return ""
+        skip = req.params.skip_special_tokens
+        prefix = self.tokenizer.decode(ids[req.prefix_offset:req.read_offset], skip)
+        full = self.tokenizer.decode(ids[req.prefix_offset:], skip)
+        delta = full[len(prefix):]
+        req.prefix_offset = req.read_offset = len(ids)
+        req.text += delta
+        return delta

@@ -91,8 +91,8 @@ class PagedAttention(nn.Module):
         b = q.shape[0]
         groups = self.num_heads // self.num_kv_heads
         # [B, max_blocks, bs, Hkv, D] -> [B, Hkv, L, D]
-        keys = kv_cache[0][meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
-        values = kv_cache[1][meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
+        keys = gather_blocks(kv_cache[0], meta.decode_block_tables).flatten(1, 2).transpose(1, 2)
+        values = gather_blocks(kv_cache[1], meta.decode_block_tables).flatten(1, 2).transpose(1, 2)
         qg = q.view(b, self.num_kv_heads, groups, self.head_dim)  # [B, Hkv, G, D]
         scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(self.scale)  # [B, Hkv, G, L]
         scores.add_(meta.decode_mask)
@@ -106,8 +106,8 @@ class PagedAttention(nn.Module):
         if q_len == p.seq_len:  # no earlier context: the new K/V are the whole sequence
             keys, values = k_new[p.q_start:p.q_end], v_new[p.q_start:p.q_end]
         else:
-            keys = kv_cache[0][p.block_ids].flatten(0, 1)[:p.seq_len]
-            values = kv_cache[1][p.block_ids].flatten(0, 1)[:p.seq_len]
+            keys = gather_blocks(kv_cache[0], p.block_ids).flatten(0, 1)[:p.seq_len]
+            values = gather_blocks(kv_cache[1], p.block_ids).flatten(0, 1)[:p.seq_len]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),  # [1, H, Tq, D]
             keys.transpose(0, 1).unsqueeze(0).to(q.dtype),  # [1, Hkv, S, D]
@@ -118,6 +118,15 @@ class PagedAttention(nn.Module):
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return out.squeeze(0).transpose(0, 1)
+
+
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """cache [N, bs, Hkv, D], block_ids [...] -> [..., bs, Hkv, D].
+
+    ``index_select`` copies whole contiguous blocks (memcpy-speed), unlike advanced indexing.
+    """
+    out = torch.index_select(cache, 0, block_ids.reshape(-1))
+    return out.view(*block_ids.shape, *cache.shape[1:])
 
 
 def causal_mask(q_len: int, seq_len: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
