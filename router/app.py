@@ -1,0 +1,91 @@
+"""The Serve application builder: ``import_path: router.app:build_app`` in deploy/*.yaml.
+
+``args`` of the application (all optional):
+
+    mode: unified | pd          # one worker deployment, or PrefillWorker + DecodeWorker
+    model: PATH                 # checkpoint folder; default: the embedded model
+    model_id: NAME              # id clients pass as GenerateRequest.model; default: folder name
+    host: 127.0.0.1             # gRPC bind address
+    port: 50051                 # gRPC port
+    kv_transfer: ray            # KVTransfer backend (pd mode)
+    engine: {...}               # EngineOptions of every worker
+    prefill_engine: {...}       # overrides for PrefillWorker (pd mode)
+    decode_engine: {...}        # overrides for DecodeWorker (pd mode)
+    router: {max_inflight_requests: N, max_prompt_bytes: N}
+
+Replica counts, autoscaling and resources are per deployment in the YAML's ``deployments``
+section (names: Router, UnifiedWorker, PrefillWorker, DecodeWorker).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from router.server import Router, RouterConfig
+from services.config import EngineOptions, WorkerConfig
+from services.workers import DecodeWorker, PrefillWorker, UnifiedWorker
+
+MODES = ("unified", "pd")
+_ROUTER_KEYS = ("max_inflight_requests", "max_prompt_bytes", "max_message_bytes", "grace_s")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """The validated application args."""
+
+    mode: str
+    router: RouterConfig
+    workers: dict[str, WorkerConfig]  # role -> config
+
+
+def default_model() -> str:
+    from router.cli import default_model_path
+
+    return str(default_model_path())
+
+
+def parse_args(args: dict | None) -> AppConfig:
+    args = dict(args or {})
+    known = {"mode", "model", "model_id", "host", "port", "kv_transfer", "engine", "prefill_engine",
+             "decode_engine", "router"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"args: unknown key(s) {unknown}; known: {sorted(known)}")
+    mode = args.get("mode", "unified")
+    if mode not in MODES:
+        raise ValueError(f"args.mode: must be one of {MODES}, got {mode!r}")
+    model = str(args.get("model") or default_model())
+    if not (Path(model) / "config.json").is_file():
+        raise ValueError(f"args.model: no checkpoint (config.json) in {model!r}")
+    model_id = args.get("model_id") or Path(model).name
+    router_args = dict(args.get("router") or {})
+    bad = sorted(set(router_args) - set(_ROUTER_KEYS))
+    if bad:
+        raise ValueError(f"args.router: unknown key(s) {bad}; known: {list(_ROUTER_KEYS)}")
+    router = RouterConfig(model=model, host=args.get("host", "127.0.0.1"), port=int(args.get("port", 50051)),
+                          **router_args)
+    engine = EngineOptions.from_dict(args.get("engine"), "args.engine")
+    transfer = args.get("kv_transfer", "ray")
+    if mode == "unified":
+        workers = {"unified": WorkerConfig("unified", model, model_id, engine)}
+    else:
+        workers = {role: WorkerConfig(role, model, model_id,
+                                      engine.merged(args.get(f"{role}_engine"), f"args.{role}_engine"),
+                                      kv_transfer=transfer)
+                   for role in ("prefill", "decode")}
+        if workers["prefill"].engine.block_size != workers["decode"].engine.block_size:
+            raise ValueError("args: prefill_engine.block_size and decode_engine.block_size must be equal")
+    return AppConfig(mode, router, workers)
+
+
+def build_app(args: dict | None = None):
+    """Serve application builder (``serve run deploy/local.yaml`` calls it with the YAML's args)."""
+    config = parse_args(args)
+    if config.mode == "unified":
+        return Router.bind(config.router, unified=UnifiedWorker.bind(config.workers["unified"]))
+    return Router.bind(config.router, prefill=PrefillWorker.bind(config.workers["prefill"]),
+                       decode=DecodeWorker.bind(config.workers["decode"]))
+
+
+__all__ = ["AppConfig", "build_app", "parse_args"]

@@ -1,0 +1,128 @@
+"""Start a local Ray head, deploy a Serve config, wait until the router answers health checks.
+
+Used by ``tandem serve`` and by the integration tests, so that both run the deploy/*.yaml
+files the way ``serve run`` does (``ServeDeploySchema`` -> ``deploy_apps``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from pathlib import Path
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+LOOPBACK = "127.0.0.1"
+log = logging.getLogger("tandem.launcher")
+
+
+def load_config(path: str | Path, *, model: str | None = None, port: int | None = None,
+                overrides: dict | None = None) -> dict:
+    """A deploy YAML as a dict, with the app args ``model``/``port`` and ``overrides`` applied."""
+    config = yaml.safe_load(Path(path).read_text())
+    return patch_config(config, model=model, port=port, overrides=overrides)
+
+
+def patch_config(config: dict, *, model: str | None = None, port: int | None = None,
+                 overrides: dict | None = None) -> dict:
+    config = copy.deepcopy(config)
+    app = config["applications"][0]
+    args = app.setdefault("args", {})
+    if model is not None:
+        args["model"] = str(model)
+    if port is not None:
+        args["port"] = int(port)
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(args.get(key), dict):
+            args[key] = {**args[key], **value}
+        else:
+            args[key] = value
+    return config
+
+
+def app_address(config: dict) -> str:
+    args = config["applications"][0].get("args", {})
+    return f"{args.get('host', LOOPBACK)}:{args.get('port', 50051)}"
+
+
+def start_local_ray(*, num_cpus: int = 16, dashboard: bool = False, **options):
+    """A fresh single-node Ray head bound to loopback (logical CPUs: Serve asks 1 per replica).
+
+    Token authentication is on: Ray 2.60 enables it for a new local cluster unless
+    ``RAY_AUTH_MODE`` says otherwise (it is read when ``ray`` is imported, so it can only be
+    changed from the environment of this process).
+    """
+    import ray
+
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        log.warning("RAY_AUTH_MODE=%s: token authentication is off", os.environ["RAY_AUTH_MODE"])
+    return ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=dashboard,
+                    num_cpus=num_cpus, namespace="serve", **options)
+
+
+def deploy(config: dict, timeout_s: float = 300.0) -> str:
+    """Deploy a Serve config (dict of a deploy YAML) on the connected Ray cluster; return the
+    router's address once it reports SERVING."""
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
+                                   grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+                                   proxy_location=schema.proxy_location)
+    client.deploy_apps(schema, _blocking=False)
+    address = app_address(config)
+    wait_running([a.name for a in schema.applications], timeout_s)
+    wait_serving(address, timeout_s=60)
+    return address
+
+
+def wait_running(app_names: list[str], timeout_s: float) -> None:
+    """Until every app is RUNNING; raises with Serve's message when one fails to deploy."""
+    from ray import serve
+
+    end = time.monotonic() + timeout_s
+    while True:
+        apps = serve.status().applications
+        states = {name: apps[name].status if name in apps else "NOT_STARTED" for name in app_names}
+        if all(s == "RUNNING" for s in states.values()):
+            return
+        failed = [n for n, s in states.items() if s == "DEPLOY_FAILED"]
+        if failed:
+            raise RuntimeError(f"Serve app {failed[0]!r} failed to deploy: {apps[failed[0]].message}")
+        if time.monotonic() > end:
+            raise TimeoutError(f"Serve apps not running after {timeout_s:.0f}s: {states}")
+        time.sleep(0.5)
+
+
+def wait_serving(address: str, timeout_s: float = 60.0, service: str = "") -> None:
+    """Until the gRPC health service at ``address`` says SERVING."""
+    end = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > end:
+                raise TimeoutError(f"router at {address} not SERVING after {timeout_s:.0f}s")
+            time.sleep(0.25)
+
+
+def shutdown() -> None:
+    """Delete the Serve apps and stop the Ray head this process started."""
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()

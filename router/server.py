@@ -1,0 +1,94 @@
+"""The router deployment: a grpc.aio server inside a Ray Serve replica.
+
+Serve's own gRPC proxy is several times slower per message and has no health or
+reflection service, so the router replica runs its own server on the replica's event loop
+and talks to the workers through Serve handles. Several router replicas on one node share
+the port (SO_REUSEPORT).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from ray import serve
+
+from protos.tandem.v1 import admin_pb2, admin_pb2_grpc
+from protos.tandem.v1 import generation_pb2 as pb
+from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
+from router.pipeline import PrefillDecodePipeline, UnifiedPipeline
+from router.servicer import AdminServicer, AdmissionLimits, GenerationServicer
+from router.validation import Limits, RequestValidator
+from services.engine.tokenizer import Tokenizer
+
+log = logging.getLogger("tandem.router")
+GENERATION = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """The router's part of the app config."""
+
+    model: str  # checkpoint folder (the router loads only its tokenizer.json)
+    host: str = "127.0.0.1"  # address the gRPC server binds
+    port: int = 50051  # gRPC port
+    max_inflight_requests: int = 1024  # per router replica; beyond: RESOURCE_EXHAUSTED
+    max_prompt_bytes: int = 1 << 20  # text prompts larger than this: INVALID_ARGUMENT
+    max_message_bytes: int = 64 << 20  # gRPC receive limit (above it the transport rejects the call)
+    grace_s: float = 2.0  # how long in-flight streams may finish on shutdown
+
+
+async def start_grpc_server(generation: GenerationServicer, admin: AdminServicer, config: RouterConfig):
+    """Bind and start the server with Generation, Admin, Health and reflection; returns (server, health)."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", config.max_message_bytes),
+                                      ("grpc.so_reuseport", 1)])
+    pb_grpc.add_GenerationServicer_to_server(generation, server)
+    admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [GENERATION, ADMIN, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server)
+    address = f"{config.host}:{config.port}"
+    if server.add_insecure_port(address) == 0:
+        raise RuntimeError(f"router: cannot bind {address}")
+    await server.start()
+    for name in ("", GENERATION):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("router: gRPC server listening on %s", address)
+    return server, health_servicer
+
+
+@serve.deployment(name="Router", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64,
+                  health_check_period_s=5, graceful_shutdown_timeout_s=5)
+class Router:
+    async def __init__(self, config: RouterConfig, unified=None, prefill=None, decode=None):
+        if unified is not None:
+            self.pipeline = UnifiedPipeline(unified)
+        else:
+            self.pipeline = PrefillDecodePipeline(prefill, decode)
+        self.config = config
+        info = await self.pipeline.model_info()
+        validator = RequestValidator(info, Tokenizer(config.model), Limits(config.max_prompt_bytes))
+        self.generation = GenerationServicer(self.pipeline, validator,
+                                             AdmissionLimits(config.max_inflight_requests))
+        admin = AdminServicer(self.pipeline, self.generation)
+        self.server, self.health = await start_grpc_server(self.generation, admin, config)
+
+    async def worker_stats(self):
+        return await self.pipeline.worker_stats()
+
+    async def check_health(self) -> None:
+        # grpc.aio has no "is serving" query; a stopped server has no bound ports left.
+        if self.server is None:
+            raise RuntimeError("gRPC server stopped")
+
+    async def __del__(self):
+        server, self.server = getattr(self, "server", None), None
+        if server is not None:
+            await self.health.enter_graceful_shutdown()
+            await server.stop(self.config.grace_s)

@@ -1,0 +1,107 @@
+"""The KV transfer interface and its registry of backends.
+
+Glossary
+- payload: the prompt KV of one request as one array
+  ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`` (K then V).
+- handle: a ``services.types.KVHandle``: small, picklable, names the payload inside the
+  backend. It travels prefill -> router -> decode; the payload travels only through the
+  backend (never through the router).
+
+Lifetime: a payload lives until every holder of its handle has dropped it or ``release``
+was called. A request that fails or is aborted while its KV is in flight calls
+``release``; nothing is recomputed silently on the decode side when ``fetch`` fails: the
+request fails with ``KVTransferError``.
+"""
+
+from __future__ import annotations
+
+import abc
+import warnings
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import numpy as np
+import torch
+
+from services.types import KVHandle, KVTransferError
+
+_BIT_VIEWS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}  # numpy has no bf16
+
+
+@dataclass
+class KVPayload:
+    """The prompt KV of one request, in host or device memory."""
+
+    request_id: str  # the request it belongs to
+    kv: torch.Tensor  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+    num_tokens: int  # prompt tokens covered
+
+    @property
+    def block_size(self) -> int:
+        return self.kv.shape[3]
+
+    def to_numpy(self) -> np.ndarray:
+        """A numpy view of the (host) tensor; 16-bit floats are viewed as int16 bits."""
+        t = self.kv.detach().cpu().contiguous()
+        return t.view(_BIT_VIEWS.get(t.dtype, t.dtype)).numpy()
+
+    @staticmethod
+    def tensor_from_numpy(array: np.ndarray, dtype: str) -> torch.Tensor:
+        """Inverse of ``to_numpy``; shares memory with ``array`` (which may be read-only)."""
+        with warnings.catch_warnings():  # object-store arrays are read-only; we only read them
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(array)
+        target = getattr(torch, dtype)
+        return t.view(target) if t.dtype != target else t
+
+
+class KVTransfer(abc.ABC):
+    """Sends a payload from the prefill side and fetches it on the decode side.
+
+    ``send`` runs in the prefill worker and returns at once with a handle; ``fetch`` runs in
+    the decode worker (any replica, any node); ``release`` may run on either side and is
+    idempotent. Implementations raise ``KVTransferError`` on any failure.
+    """
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def send(self, payload: KVPayload, traceparent: str = "") -> KVHandle:
+        """Make ``payload`` fetchable; the handle is all a receiver needs."""
+
+    @abc.abstractmethod
+    async def fetch(self, handle: KVHandle) -> KVPayload:
+        """The payload named by ``handle`` (host memory; may share the backend's buffer)."""
+
+    def release(self, handle: KVHandle) -> None:
+        """Free the payload early (abort, failure); by default it is freed when unreferenced."""
+
+    @staticmethod
+    def check(handle: KVHandle, payload_kv: torch.Tensor) -> None:
+        if tuple(payload_kv.shape) != tuple(handle.shape):
+            raise KVTransferError(f"KV of {handle.request_id!r} has shape {tuple(payload_kv.shape)}, "
+                                  f"handle says {tuple(handle.shape)}")
+
+
+_REGISTRY: dict[str, Callable[[], KVTransfer]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a backend available under ``name``."""
+
+    def wrap(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create(name: str) -> KVTransfer:
+    if name not in _REGISTRY:
+        raise ValueError(f"kv_transfer: unknown backend {name!r}; available: {available()}")
+    return _REGISTRY[name]()

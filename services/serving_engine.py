@@ -1,0 +1,186 @@
+"""The engine as the workers host it: ``AsyncEngine`` plus the two halves of P/D hand-off.
+
+- ``prefill``: run the prompt with ``max_tokens=1``; when the engine finishes the request,
+  the KV of its prompt blocks is copied out in the engine thread, before the blocks are
+  freed (a hook on ``Scheduler.finish``), together with the seeded RNG state.
+- ``adopt``: allocate blocks in this engine's pool, copy the payload into them, and put the
+  request straight into the running batch with the prompt computed and the first token as
+  its first output, so the next step decodes it. Nothing is recomputed.
+
+Terms: P = prompt length; the first token's own KV is computed by the decode side's first
+step (it is the input of that step). The engine is not modified: the hook and the adoption
+use its public-ish objects (``engine.scheduler``, ``engine.kv``, ``engine.runner.kv_caches``,
+``Request``) under ``AsyncEngine``'s step lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from services.engine.async_engine import AsyncEngine, _Stream
+from services.engine.outputs import TokenChunk
+from services.engine.request import Request, RequestStatus
+from services.engine.sampling_params import SamplingParams
+from services.engine.scheduler import EngineOverloadedError
+from services.kv_transfer.base import KVPayload
+
+
+def sendable_text_len(text: str, params: SamplingParams) -> int:
+    """How much of an unfinished request's text may be sent: all but what could start a stop string."""
+    return max(len(text) - max(params.max_stop_len - 1, 0), 0)
+
+
+@dataclass
+class PrefillOutput:
+    """The first token of a request and, unless that finished it, its prompt KV."""
+
+    chunk: TokenChunk  # the first token; finish_reason is the *request's* (None if it goes on)
+    kv: KVPayload | None  # prompt KV; None when the request finished with the first token
+    generator_state: bytes | None  # seeded RNG state after sampling the first token
+
+
+@dataclass
+class _Capture:
+    num_prompt_tokens: int
+    kv: torch.Tensor | None = None
+    generator_state: bytes | None = None
+
+
+class ServingEngine(AsyncEngine):
+    """``AsyncEngine`` that can export a prefilled request's KV and adopt one from elsewhere."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self._captures: dict[str, _Capture] = {}
+        self._capture_lock = threading.Lock()
+        self._finish = engine.scheduler.finish
+        engine.scheduler.finish = self._finish_and_capture  # runs in the engine thread, under _lock
+
+    def is_alive(self) -> bool:
+        """True while the engine thread runs."""
+        return self._thread.is_alive()
+
+    # ---- prefill side --------------------------------------------------------------------
+    async def prefill(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                      priority: int = 0) -> PrefillOutput:
+        """Compute the prompt and sample the first token; raises ValueError/EngineOverloadedError."""
+        with self._capture_lock:
+            self._captures[request_id] = _Capture(len(prompt_ids))
+        try:
+            stream = self.add_request(prompt_ids, dataclasses.replace(params, max_tokens=1),
+                                      request_id=request_id, priority=priority)
+            last = None
+            async for chunk in stream:
+                last = chunk if last is None else last.merge(chunk)
+        finally:
+            with self._capture_lock:
+                cap = self._captures.pop(request_id, None)
+        chunk = dataclasses.replace(last)
+        if not self._really_finished(chunk, params):
+            chunk.finish_reason = None
+            chunk.stop_reason = None
+            chunk.text = self._first_text(Request(request_id, prompt_ids, params), chunk.token_ids[0])
+            if cap is None or cap.kv is None:
+                raise RuntimeError(f"prefill of {request_id!r} finished without capturing its KV")
+            return PrefillOutput(chunk, KVPayload(request_id, cap.kv, cap.num_prompt_tokens), cap.generator_state)
+        return PrefillOutput(chunk, None, None)
+
+    def _really_finished(self, chunk: TokenChunk, params: SamplingParams) -> bool:
+        """A max_tokens=1 run ends with "length"; the request itself ends only on a stop or its limits."""
+        if chunk.finish_reason != "length":
+            return True
+        return params.max_tokens <= 1 or chunk.num_prompt_tokens + 1 >= self.engine.max_model_len
+
+    def _first_text(self, req: Request, first_token: int) -> str:
+        """Text of the first token as an unfinished request sends it; sets the request's
+        detokenizer state exactly as the decode side must continue from."""
+        req.output_token_ids = [first_token]
+        self.engine.detokenizer.step(req)
+        req.sent_text_len = sendable_text_len(req.text, req.params)
+        return req.text[:req.sent_text_len]
+
+    def _finish_and_capture(self, req: Request, reason: str) -> None:
+        cap = self._captures.get(req.request_id) if reason != "abort" else None
+        if cap is not None and not req.is_finished and req.num_computed_tokens == cap.num_prompt_tokens:
+            table = self.engine.kv.block_tables.get(req.request_id, [])
+            nblk = self.engine.kv.blocks_needed(cap.num_prompt_tokens)
+            idx = torch.tensor(table[:nblk], dtype=torch.long, device=self.engine.device)
+            cap.kv = torch.stack([c[:, idx] for c in self.engine.runner.kv_caches])  # [L, 2, nb, bs, H, D]
+            if req.generator is not None:
+                cap.generator_state = req.generator.get_state().numpy().tobytes()
+        self._finish(req, reason)
+
+    # ---- decode side ---------------------------------------------------------------------
+    async def adopt(self, request_id: str, prompt_ids: list[int], params: SamplingParams, first_token: int,
+                    kv: KVPayload, *, first_logprobs: dict[int, float] | None = None, priority: int = 0,
+                    num_cached_tokens: int = 0, generator_state: bytes | None = None,
+                    timeout_s: float = 30.0) -> AsyncIterator[TokenChunk]:
+        """Continue a request prefilled elsewhere; returns its stream (from the second token on).
+
+        Waits up to ``timeout_s`` for free blocks, then raises ``EngineOverloadedError``.
+        """
+        req = self._adoptable_request(request_id, prompt_ids, params, first_token, kv, first_logprobs,
+                                      priority, num_cached_tokens, generator_state)
+        stream = _Stream(asyncio.get_running_loop())
+        deadline = time.monotonic() + timeout_s
+        while not self._try_adopt(req, kv.kv, stream):
+            if time.monotonic() > deadline:
+                raise EngineOverloadedError(
+                    f"decode KV pool full: {kv.kv.shape[2]} blocks for {request_id!r} not free within {timeout_s}s")
+            await asyncio.sleep(0.01)
+        self._wake.set()
+        return self._iterate(request_id, stream)
+
+    def _adoptable_request(self, request_id, prompt_ids, params, first_token, kv, first_logprobs, priority,
+                           num_cached_tokens, generator_state) -> Request:
+        eng = self.engine
+        num_prompt = len(prompt_ids)
+        if kv.num_tokens != num_prompt or kv.block_size != eng.kv.block_size:
+            raise ValueError(f"kv: covers {kv.num_tokens} tokens in blocks of {kv.block_size}; expected "
+                             f"{num_prompt} tokens in blocks of {eng.kv.block_size}")
+        if kv.kv.shape[2] != eng.kv.blocks_needed(num_prompt) or len(kv.kv) != len(eng.runner.kv_caches):
+            raise ValueError(f"kv: shape {tuple(kv.kv.shape)} does not fit this engine")
+        if num_prompt + params.max_tokens > eng.max_model_len:
+            raise ValueError(f"max_tokens: prompt ({num_prompt}) + max_tokens ({params.max_tokens}) exceeds "
+                             f"the context length of {eng.max_model_len}")
+        if eng.kv.blocks_needed(num_prompt + params.max_tokens) > eng.kv.pool.num_blocks:
+            raise ValueError("max_tokens: prompt + max_tokens needs more KV blocks than the decode cache holds")
+        req = Request(request_id, list(prompt_ids), params, priority=priority)
+        req.output_token_ids = [first_token]
+        req.num_cached_tokens = num_cached_tokens
+        req.first_token_time = time.monotonic()
+        if params.logprobs is not None:
+            req.logprobs = [first_logprobs]
+        if params.seed is not None:
+            req.generator = torch.Generator(device=eng.device).manual_seed(params.seed)
+            if generator_state is not None:
+                req.generator.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
+        return req
+
+    def _try_adopt(self, req: Request, kv: torch.Tensor, stream: _Stream) -> bool:
+        eng = self.engine
+        rid, num_prompt = req.request_id, req.num_prompt_tokens
+        with self._lock:
+            if rid in eng.scheduler.requests:
+                raise ValueError(f"request_id: {rid!r} is already in use")
+            if not eng.kv.allocate(req, num_prompt):
+                return False
+            idx = torch.tensor(eng.kv.block_tables[rid], dtype=torch.long, device=eng.device)
+            src = kv.to(eng.device)
+            for layer, cache in enumerate(eng.runner.kv_caches):
+                cache[:, idx] = src[layer].to(cache.dtype)
+            req.num_computed_tokens = num_prompt
+            eng.kv.cache_full_blocks(req, num_prompt)
+            self._first_text(req, req.output_token_ids[0])
+            req.status = RequestStatus.RUNNING
+            eng.scheduler.requests[rid] = req
+            eng.scheduler.running.append(req)
+            self._streams[rid] = stream
+        return True

@@ -1,0 +1,135 @@
+"""Every type that crosses a Ray handle between the router and the workers.
+
+Seams (DESIGN.md "Seams"):
+
+    router --GenerateCall--> unified worker --StreamChunk...--> router
+    router --GenerateCall--> prefill worker --PrefillResult (first token + KVHandle)--> router
+    router --DecodeCall (KVHandle)--> decode worker --StreamChunk...--> router
+
+Tensors never pass through the router: a ``KVHandle`` names the KV blocks inside the
+transfer backend (an object-store reference for the Ray backend), the decode worker
+fetches them itself. Each type carries ``traceparent`` (W3C trace context) so one trace
+follows the request across processes.
+
+Errors cross handles as exceptions; Ray re-raises them in the caller as ``RayTaskError``
+subclasses of the original class, so the router maps them by ``isinstance``:
+``ValueError`` (bad input, the message starts with the field name),
+``EngineOverloadedError`` (admission limits), ``KVTransferError``, ``PrefillFailedError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.engine.sampling_params import SamplingParams
+
+
+class KVTransferError(RuntimeError):
+    """The KV of a request could not be sent, fetched or adopted; the request fails."""
+
+
+class PrefillFailedError(RuntimeError):
+    """The prefill worker could not produce the first token and KV of a request."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the router needs to know about the served model."""
+
+    model_id: str  # the id clients pass as GenerateRequest.model
+    max_model_len: int  # prompt + output tokens at most
+    vocab_size: int  # token ids must be < vocab_size
+    eos_token_ids: tuple[int, ...]  # ids that end generation unless ignore_eos
+    block_size: int  # tokens per KV block
+    traceparent: str = ""  # W3C trace context of the call that asked
+
+
+@dataclass
+class GenerateCall:
+    """One validated, tokenized request (router -> unified or prefill worker)."""
+
+    request_id: str  # unique among running requests; the engine request id on every worker
+    prompt_token_ids: list[int]  # the prompt, already tokenized and checked against the vocabulary
+    params: SamplingParams  # validated sampling parameters (the engine's own type)
+    priority: int = 0  # lower is served first
+    deadline: float | None = None  # unix time after which the request is abandoned; None = none
+    traceparent: str = ""  # W3C trace context of the router's span
+
+
+@dataclass
+class StreamChunk:
+    """New output of one request since its previous chunk (worker -> router, streamed).
+
+    Several engine steps' tokens are merged into one chunk when the router reads slower than
+    the engine produces, so there is no handle message per token.
+    """
+
+    token_ids: list[int] = field(default_factory=list)  # new tokens
+    text: str = ""  # new text (held back while it could begin a stop string)
+    logprobs: list[dict[int, float]] | None = None  # per new token {token_id: logprob}, when asked
+    finish_reason: str | None = None  # None until the last chunk; then "stop" | "length" | "abort"
+    num_prompt_tokens: int = 0  # prompt length
+    num_cached_tokens: int = 0  # prompt tokens served from a prefix cache
+    num_output_tokens: int = 0  # output tokens so far, this chunk included
+    traceparent: str = ""  # W3C trace context of the worker's span
+
+
+@dataclass
+class KVHandle:
+    """Where the prompt KV of one request waits between prefill and decode.
+
+    The payload behind it is one array ``[num_layers, 2, num_blocks, block_size, num_kv_heads,
+    head_dim]`` (K then V), blocks in prompt order; the last block may be partly filled.
+    """
+
+    backend: str  # name of the KVTransfer backend that holds it ("ray", later "redis", "nccl")
+    request_id: str  # the request the KV belongs to
+    num_tokens: int  # prompt tokens covered (the first sampled token is not in it)
+    num_blocks: int  # blocks in the payload
+    block_size: int  # tokens per block; must equal the decode engine's
+    dtype: str  # torch dtype name of the KV ("float32", "bfloat16", ...)
+    shape: tuple[int, ...]  # payload shape, see above
+    locator: Any = None  # backend-specific reference (Ray: an ObjectRef; Redis: a key)
+    traceparent: str = ""  # W3C trace context of the prefill span
+
+
+@dataclass
+class PrefillResult:
+    """The prefill worker's answer: the first token, and the KV for decode unless finished."""
+
+    request_id: str  # the request's id
+    first: StreamChunk  # the first token; finish_reason set when the request already ended
+    kv: KVHandle | None  # the prompt's KV; None when ``first`` finished the request
+    generator_state: bytes | None = None  # the seeded sampler's RNG state after the first token
+    traceparent: str = ""  # W3C trace context of the prefill span
+
+
+@dataclass
+class DecodeCall:
+    """Continue a prefilled request on a decode worker (router -> decode worker)."""
+
+    call: GenerateCall  # the original request
+    first_token: int  # the token the prefill sampled (already sent to the client)
+    first_logprobs: dict[int, float] | None  # its logprobs, when asked
+    kv: KVHandle  # the prompt's KV to adopt
+    num_cached_tokens: int = 0  # prompt tokens the prefill served from its prefix cache
+    generator_state: bytes | None = None  # seeded RNG state to continue from
+    traceparent: str = ""  # W3C trace context of the router's span
+
+
+@dataclass
+class WorkerStats:
+    """Gauges and counters of one worker replica (admin/debug call)."""
+
+    role: str  # "unified" | "prefill" | "decode"
+    replica_id: str  # Serve replica id ("" outside Serve)
+    node_id: str  # Ray node id the replica runs on
+    kv_blocks_total: int  # blocks in the engine's pool
+    kv_blocks_free: int  # blocks not held by any request (cached-but-free count as free)
+    num_running: int  # requests in the running batch
+    num_waiting: int  # requests queued for admission
+    num_open_streams: int  # requests this replica is serving now (streams, prefills, adoptions)
+    num_kv_sent: int = 0  # KV payloads handed to the transfer backend since start
+    num_kv_adopted: int = 0  # KV payloads adopted into the engine since start
+    traceparent: str = ""  # W3C trace context of the call that asked

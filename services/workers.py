@@ -1,0 +1,155 @@
+"""Ray Serve deployments that host the engine: unified, prefill and decode workers.
+
+All three are one class, ``EngineWorker``, deployed under three names so that each has its
+own replicas and autoscaling config. The role decides which calls make sense:
+
+- unified: ``generate`` (prompt -> stream of chunks), no KV transfer;
+- prefill: ``prefill`` (prompt -> first token + ``KVHandle``);
+- decode:  ``decode`` (``DecodeCall`` -> stream of chunks from the second token on).
+
+Leaving a stream early (the router cancels it on client cancel / deadline / abort) aborts
+the engine request, which frees its blocks before the next engine step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import ray
+from ray import serve
+
+from services import kv_transfer
+from services.config import WorkerConfig
+from services.engine.outputs import TokenChunk
+from services.engine.scheduler import EngineOverloadedError
+from services.serving_engine import ServingEngine
+from services.types import (DecodeCall, GenerateCall, KVTransferError, ModelInfo, PrefillFailedError,
+                            PrefillResult, StreamChunk, WorkerStats)
+
+log = logging.getLogger("tandem.worker")
+
+
+def to_stream_chunk(c: TokenChunk, traceparent: str = "") -> StreamChunk:
+    return StreamChunk(c.token_ids, c.text, c.logprobs, c.finish_reason, c.num_prompt_tokens,
+                       c.num_cached_tokens, c.num_output_tokens, traceparent)
+
+
+@asynccontextmanager
+async def _until(deadline: float | None):
+    """Raise TimeoutError inside the block once the unix-time ``deadline`` passes."""
+    if deadline is None:
+        yield
+        return
+    async with asyncio.timeout(max(deadline - time.time(), 0.0)):
+        yield
+
+
+class EngineWorker:
+    """One engine replica (see module docstring for the roles)."""
+
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self.engine = ServingEngine.from_model(config.model, **config.engine.as_kwargs())
+        self.transfer = kv_transfer.create(config.kv_transfer) if config.role != "unified" else None
+        self._open = 0
+        self._sent = 0
+        self._adopted = 0
+        eng = self.engine.engine
+        self.info = ModelInfo(model_id=config.model_id, max_model_len=eng.max_model_len,
+                              vocab_size=eng.model_config.vocab_size,
+                              eos_token_ids=tuple(sorted(eng.eos_token_ids)), block_size=eng.kv.block_size)
+
+    # ---- request paths -------------------------------------------------------------------
+    async def generate(self, call: GenerateCall) -> AsyncIterator[StreamChunk]:
+        """Unified role: the whole request in this engine."""
+        self._open += 1
+        try:
+            async with _until(call.deadline):
+                stream = self.engine.add_request(call.prompt_token_ids, call.params,
+                                                 request_id=call.request_id, priority=call.priority)
+                async for chunk in stream:
+                    yield to_stream_chunk(chunk)
+        finally:
+            self._open -= 1
+
+    async def prefill(self, call: GenerateCall) -> PrefillResult:
+        """Prefill role: compute the prompt, sample the first token, hand the KV to the backend."""
+        self._open += 1
+        try:
+            async with _until(call.deadline):
+                out = await self.engine.prefill(call.prompt_token_ids, call.params, call.request_id,
+                                                call.priority)
+        except (ValueError, EngineOverloadedError, asyncio.CancelledError, TimeoutError):
+            raise
+        except Exception as exc:
+            raise PrefillFailedError(f"prefill of {call.request_id!r} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._open -= 1
+        handle = None
+        if out.kv is not None:
+            handle = self.transfer.send(out.kv, call.traceparent)
+            self._sent += 1
+        return PrefillResult(call.request_id, to_stream_chunk(out.chunk), handle, out.generator_state)
+
+    async def decode(self, call: DecodeCall) -> AsyncIterator[StreamChunk]:
+        """Decode role: fetch and adopt the KV, then stream from the second token on."""
+        req = call.call
+        self._open += 1
+        try:
+            async with _until(req.deadline):
+                if self.transfer is None:
+                    raise KVTransferError("decode called on a unified worker")
+                payload = await self.transfer.fetch(call.kv)
+                stream = await self.engine.adopt(
+                    req.request_id, req.prompt_token_ids, req.params, call.first_token, payload,
+                    first_logprobs=call.first_logprobs, priority=req.priority,
+                    num_cached_tokens=call.num_cached_tokens, generator_state=call.generator_state,
+                    timeout_s=self.config.adopt_timeout_s)
+                del payload  # the blocks are copied: drop our view of the transferred object
+                self._adopted += 1
+                async for chunk in stream:
+                    yield to_stream_chunk(chunk)
+        finally:
+            self._open -= 1
+
+    # ---- admin ---------------------------------------------------------------------------
+    def abort(self, request_id: str) -> bool:
+        return self.engine.abort(request_id)
+
+    def model_info(self) -> ModelInfo:
+        return self.info
+
+    def stats(self) -> WorkerStats:
+        s = self.engine.stats()
+        try:
+            replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:
+            replica_id = ""
+        return WorkerStats(role=self.config.role, replica_id=replica_id,
+                           node_id=ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
+                           kv_blocks_total=s.kv_blocks_total, kv_blocks_free=s.kv_blocks_free,
+                           num_running=s.num_running, num_waiting=s.num_waiting, num_open_streams=self._open,
+                           num_kv_sent=self._sent, num_kv_adopted=self._adopted)
+
+    def check_health(self) -> None:
+        """Serve health check: the engine thread must be alive."""
+        if not self.engine.is_alive():
+            raise RuntimeError("engine thread died")
+
+    def __del__(self):
+        try:
+            self.engine.shutdown()
+        except Exception:
+            pass
+
+
+_DEFAULTS = dict(max_ongoing_requests=512, ray_actor_options={"num_cpus": 1},
+                 health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=5)
+
+UnifiedWorker = serve.deployment(EngineWorker, name="UnifiedWorker", **_DEFAULTS)
+PrefillWorker = serve.deployment(EngineWorker, name="PrefillWorker", **_DEFAULTS)
+DecodeWorker = serve.deployment(EngineWorker, name="DecodeWorker", **_DEFAULTS)
