@@ -85,31 +85,36 @@ class PrefillDecodePipeline:
     def __init__(self, prefill, decode):
         self.prefill = prefill
         self.decode = decode
+        self._prefill_stream = prefill.options(stream=True)
         self._decode_stream = decode.options(stream=True)
 
     async def model_info(self) -> ModelInfo:
         return await self.prefill.model_info.remote()
 
     async def run(self, call: GenerateCall, ctl: Control) -> AsyncIterator[StreamChunk]:
-        response = self.prefill.prefill.remote(call)
-        ctl.attach(response)
-        done = False
-        try:
-            result = await response
-            done = True
+        prefill = self._prefill_stream.prefill.remote(call)
+        ctl.attach(prefill)
+        try:  # the prefill stream stays open (its replica holds the KV) until decode adopted it
+            result = await prefill.__anext__()
+            first = result.first
+            yield first
+            if first.finish_reason is not None or result.kv is None:
+                return
+            decode_call = DecodeCall(call, first.token_ids[0], (first.logprobs or [None])[0], result.kv,
+                                     first.num_cached_tokens, result.generator_state, call.traceparent)
+            async for chunk in _stream(self._decode_stream.decode.remote(decode_call), ctl):
+                if prefill is not None:  # decode adopted the KV: the prefill replica may drop it
+                    self._close(prefill, ctl)
+                    prefill = None
+                yield chunk
         finally:
-            ctl.detach(response)
-            if not done:
-                response.cancel()
-        first = result.first
-        yield first
-        if first.finish_reason is not None or result.kv is None:
-            return
-        decode_call = DecodeCall(call, first.token_ids[0], (first.logprobs or [None])[0], result.kv,
-                                 first.num_cached_tokens, result.generator_state, call.traceparent)
-        del result  # the decode call holds the only router-side reference to the KV from here on
-        async for chunk in _stream(self._decode_stream.decode.remote(decode_call), ctl):
-            yield chunk
+            if prefill is not None:
+                self._close(prefill, ctl)
+
+    @staticmethod
+    def _close(prefill, ctl: Control) -> None:
+        ctl.detach(prefill)
+        prefill.cancel()
 
     async def worker_stats(self, num_calls: int = 8) -> list[WorkerStats]:
         a, b = await asyncio.gather(_gather_stats(self.prefill, num_calls), _gather_stats(self.decode, num_calls))

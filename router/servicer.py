@@ -146,7 +146,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         workers = [admin_pb2.WorkerStats(
             role=s.role, replica_id=s.replica_id, node_id=s.node_id, kv_blocks_total=s.kv_blocks_total,
             kv_blocks_free=s.kv_blocks_free, num_running=s.num_running, num_waiting=s.num_waiting,
-            num_open_streams=s.num_open_streams, num_kv_sent=s.num_kv_sent, num_kv_adopted=s.num_kv_adopted)
+            num_open_streams=s.num_open_streams, num_kv_sent=s.num_kv_sent, num_kv_adopted=s.num_kv_adopted,
+            num_kv_held=s.num_kv_held)
             for s in stats]
         return admin_pb2.GetWorkerStatsResponse(workers=workers,
                                                 num_inflight_requests=len(self.generation.inflight))

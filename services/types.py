@@ -132,4 +132,5 @@ class WorkerStats:
     num_open_streams: int  # requests this replica is serving now (streams, prefills, adoptions)
     num_kv_sent: int = 0  # KV payloads handed to the transfer backend since start
     num_kv_adopted: int = 0  # KV payloads adopted into the engine since start
+    num_kv_held: int = 0  # KV payloads sent and not yet released (prefill; in flight to decode)
     traceparent: str = ""  # W3C trace context of the call that asked

@@ -4,7 +4,8 @@ All three are one class, ``EngineWorker``, deployed under three names so that ea
 own replicas and autoscaling config. The role decides which calls make sense:
 
 - unified: ``generate`` (prompt -> stream of chunks), no KV transfer;
-- prefill: ``prefill`` (prompt -> first token + ``KVHandle``);
+- prefill: ``prefill`` (prompt -> first token + ``KVHandle``, streamed; the KV is held until
+  the caller closes the stream);
 - decode:  ``decode`` (``DecodeCall`` -> stream of chunks from the second token on).
 
 Leaving a stream early (the router cancels it on client cancel / deadline / abort) aborts
@@ -76,8 +77,12 @@ class EngineWorker:
         finally:
             self._open -= 1
 
-    async def prefill(self, call: GenerateCall) -> PrefillResult:
-        """Prefill role: compute the prompt, sample the first token, hand the KV to the backend."""
+    async def prefill(self, call: GenerateCall) -> AsyncIterator[PrefillResult]:
+        """Prefill role: compute the prompt, sample the first token, hand the KV to the backend.
+
+        Streams one ``PrefillResult`` and then holds the KV until the caller closes the stream
+        (the decode side adopted it, or the request ended) or ``kv_hold_s`` passes.
+        """
         self._open += 1
         try:
             async with _until(call.deadline):
@@ -93,7 +98,15 @@ class EngineWorker:
         if out.kv is not None:
             handle = self.transfer.send(out.kv, call.traceparent)
             self._sent += 1
-        return PrefillResult(call.request_id, to_stream_chunk(out.chunk), handle, out.generator_state)
+        try:
+            yield PrefillResult(call.request_id, to_stream_chunk(out.chunk), handle, out.generator_state)
+            if handle is not None:
+                await asyncio.sleep(self.config.kv_hold_s)
+                log.warning("request %s: KV not adopted within %.0fs; released", call.request_id,
+                            self.config.kv_hold_s)
+        finally:
+            if handle is not None:
+                self.transfer.release(handle)
 
     async def decode(self, call: DecodeCall) -> AsyncIterator[StreamChunk]:
         """Decode role: fetch and adopt the KV, then stream from the second token on."""
@@ -133,7 +146,8 @@ class EngineWorker:
                            node_id=ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
                            kv_blocks_total=s.kv_blocks_total, kv_blocks_free=s.kv_blocks_free,
                            num_running=s.num_running, num_waiting=s.num_waiting, num_open_streams=self._open,
-                           num_kv_sent=self._sent, num_kv_adopted=self._adopted)
+                           num_kv_sent=self._sent, num_kv_adopted=self._adopted,
+                           num_kv_held=self.transfer.num_held() if self.transfer is not None else 0)
 
     def check_health(self) -> None:
         """Serve health check: the engine thread must be alive."""

@@ -7,10 +7,10 @@ Glossary
   backend. It travels prefill -> router -> decode; the payload travels only through the
   backend (never through the router).
 
-Lifetime: a payload lives until every holder of its handle has dropped it or ``release``
-was called. A request that fails or is aborted while its KV is in flight calls
-``release``; nothing is recomputed silently on the decode side when ``fetch`` fails: the
-request fails with ``KVTransferError``.
+Lifetime: the sender holds a payload from ``send`` until ``release`` (the decode side has
+adopted it, or the request failed or was aborted while its KV was in flight). Nothing is
+recomputed silently on the decode side when ``fetch`` fails: the request fails with
+``KVTransferError``.
 """
 
 from __future__ import annotations
@@ -58,9 +58,10 @@ class KVPayload:
 class KVTransfer(abc.ABC):
     """Sends a payload from the prefill side and fetches it on the decode side.
 
-    ``send`` runs in the prefill worker and returns at once with a handle; ``fetch`` runs in
-    the decode worker (any replica, any node); ``release`` may run on either side and is
-    idempotent. Implementations raise ``KVTransferError`` on any failure.
+    ``send`` runs in the prefill worker and returns at once with a handle; the sender keeps
+    the payload until ``release(handle)`` (sender side, idempotent). ``fetch`` runs in the
+    decode worker (any replica, any node). Implementations raise ``KVTransferError`` on any
+    failure.
     """
 
     name: ClassVar[str]
@@ -73,8 +74,13 @@ class KVTransfer(abc.ABC):
     async def fetch(self, handle: KVHandle) -> KVPayload:
         """The payload named by ``handle`` (host memory; may share the backend's buffer)."""
 
+    @abc.abstractmethod
     def release(self, handle: KVHandle) -> None:
-        """Free the payload early (abort, failure); by default it is freed when unreferenced."""
+        """Sender side: drop the payload (adopted by decode, or the request ended)."""
+
+    @abc.abstractmethod
+    def num_held(self) -> int:
+        """Sender side: payloads sent and not yet released."""
 
     @staticmethod
     def check(handle: KVHandle, payload_kv: torch.Tensor) -> None:

@@ -2,9 +2,12 @@
 
 ``send`` puts the payload as a numpy array (one copy into shared memory, no pickling of
 tensor data); ``fetch`` awaits the ObjectRef and gets a zero-copy read-only view on the
-same node, or a plasma-to-plasma copy across nodes. The sender does not keep the
-reference: the object lives while the router or the decode worker holds the handle and is
-freed by Ray's reference counting once both drop it (abort and failure included).
+same node, or a plasma-to-plasma copy across nodes.
+
+The sender (the object's owner) keeps its own reference until ``release``. Borrowed
+references alone are not enough: Ray 2.60 frees an object whose owner dropped its
+reference while a Serve replica passes the borrowed ref on, nested in a handle call's
+arguments, to another replica (ReferenceCountingAssertionError under concurrency).
 """
 
 from __future__ import annotations
@@ -17,12 +20,22 @@ from services.types import KVHandle, KVTransferError
 
 @register("ray")
 class RayObjectStoreTransfer(KVTransfer):
+    def __init__(self):
+        self._held: dict[str, ray.ObjectRef] = {}
+
+    def release(self, handle: KVHandle) -> None:
+        self._held.pop(handle.request_id, None)
+
+    def num_held(self) -> int:
+        return len(self._held)
+
     def send(self, payload: KVPayload, traceparent: str = "") -> KVHandle:
         array = payload.to_numpy()
         try:
             ref = ray.put(array)
         except Exception as exc:
             raise KVTransferError(f"kv_transfer[ray]: put of {payload.request_id!r} failed: {exc}") from exc
+        self._held[payload.request_id] = ref
         kv = payload.kv
         return KVHandle(backend=self.name, request_id=payload.request_id, num_tokens=payload.num_tokens,
                         num_blocks=kv.shape[2], block_size=kv.shape[3],
