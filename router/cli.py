@@ -52,11 +52,80 @@ def _generate_local(args: argparse.Namespace) -> int:
     return 0
 
 
+DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy"
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Start a local Ray head on loopback, deploy the config, print the address, wait for Ctrl-C."""
+    import signal
+    import threading
+
+    from router import launcher
+
+    config_file = Path(args.config) if args.config else DEPLOY_DIR / "local.yaml"
+    if not config_file.is_file():
+        print(f"tandem serve: config {config_file} not found", file=sys.stderr)
+        return 2
+    model = args.model or str(default_model_path())
+    if not (Path(model) / "config.json").is_file():
+        print(f"tandem serve: no model checkpoint in {model} (pass --model PATH)", file=sys.stderr)
+        return 2
+    config = launcher.load_config(config_file, model=model, port=args.port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"tandem serve: starting Ray (127.0.0.1, token auth, no dashboard) and {config_file.name} ...", flush=True)
+    launcher.start_local_ray(num_cpus=args.num_cpus)
+    try:
+        address = launcher.deploy(config, timeout_s=args.timeout)
+        print(f"tandem serve: serving {Path(model).name} on {address} (Ctrl-C stops)", flush=True)
+        print(f"  try: {_self_command()} generate --address {address} \"The for statement\"", flush=True)
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("tandem serve: shutting down", flush=True)
+        launcher.shutdown()
+    return 0
+
+
+def _self_command() -> str:
+    """How to run this CLI again from the user's shell ("tandem" when it is on PATH)."""
+    import shutil
+
+    exe = Path(sys.argv[0])
+    if exe.name == "tandem" and shutil.which("tandem") == str(exe.resolve()):
+        return "tandem"
+    return str(exe) if exe.name == "tandem" else "tandem"
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from protos.tandem.v1 import generation_pb2 as pb
+    from router.client import stream_completion
+
+    sampling = pb.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
+    if args.seed is not None:
+        sampling.seed = args.seed
+    try:
+        stream_completion(args.address, args.prompt, sampling, timeout=args.timeout)
+    except grpc.RpcError as exc:
+        print(f"\ntandem generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     if args.suite == "offline":
         from bench.offline import main as offline_main
 
         return offline_main(rest)
+    if args.suite == "serve":
+        from bench.serve import main as serve_main
+
+        return serve_main(rest)
     print(f"bench: unknown suite {args.suite!r}", file=sys.stderr)
     return 2
 
@@ -81,8 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
     gl.add_argument("--device", default=None)
     gl.add_argument("--dtype", default=None)
 
-    b = sub.add_parser("bench", help="benchmarks (offline engine; more suites with the server)")
-    b.add_argument("suite", choices=["offline"])
+    sv = sub.add_parser("serve", help="start a local Ray head and serve a deploy config over gRPC")
+    sv.add_argument("--config", help="Serve config YAML (default: deploy/local.yaml)")
+    sv.add_argument("--model", help="checkpoint folder (default: the embedded model)")
+    sv.add_argument("--port", type=int, default=None, help="gRPC port (default: the config's, 50051)")
+    sv.add_argument("--num-cpus", type=int, default=16, help="logical CPUs of the local Ray head")
+    sv.add_argument("--timeout", type=float, default=600, help="seconds to wait for the app to be ready")
+
+    g = sub.add_parser("generate", help="stream a completion from a running server")
+    g.add_argument("prompt")
+    g.add_argument("--address", default=DEFAULT_ADDRESS)
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--timeout", type=float, default=None, help="gRPC deadline in seconds")
+
+    b = sub.add_parser("bench", help="benchmarks: offline (engine in-process) or serve (gRPC load generator)")
+    b.add_argument("suite", choices=["offline", "serve"])
     return p
 
 
@@ -93,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    handler = {"make-model": _make_model, "generate-local": _generate_local}[args.command]
+    handler = {"make-model": _make_model, "generate-local": _generate_local, "serve": _serve,
+               "generate": _generate}[args.command]
     try:
         return handler(args)
     except ValueError as exc:

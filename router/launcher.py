@@ -21,15 +21,27 @@ log = logging.getLogger("tandem.launcher")
 
 
 def load_config(path: str | Path, *, model: str | None = None, port: int | None = None,
-                overrides: dict | None = None) -> dict:
-    """A deploy YAML as a dict, with the app args ``model``/``port`` and ``overrides`` applied."""
+                overrides: dict | None = None, deployments: dict | None = None) -> dict:
+    """A deploy YAML as a dict, with the app args ``model``/``port``/``overrides`` and the
+    per-deployment options ``deployments`` ({name: {option: value}}) applied."""
     config = yaml.safe_load(Path(path).read_text())
-    return patch_config(config, model=model, port=port, overrides=overrides)
+    return patch_config(config, model=model, port=port, overrides=overrides, deployments=deployments)
 
 
 def patch_config(config: dict, *, model: str | None = None, port: int | None = None,
-                 overrides: dict | None = None) -> dict:
+                 overrides: dict | None = None, deployments: dict | None = None) -> dict:
     config = copy.deepcopy(config)
+    for name, options in (deployments or {}).items():
+        entries = config["applications"][0].setdefault("deployments", [])
+        entry = next((d for d in entries if d["name"] == name), None)
+        if entry is None:
+            entry = {"name": name}
+            entries.append(entry)
+        for key, value in options.items():
+            if isinstance(value, dict) and isinstance(entry.get(key), dict):
+                entry[key] = {**entry[key], **value}
+            else:
+                entry[key] = value
     app = config["applications"][0]
     args = app.setdefault("args", {})
     if model is not None:

@@ -7,7 +7,12 @@ so that nothing can hang CI.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Loopback only: keep Ray from resolving 127.0.0.1 to the machine's outward address when a
+# driver connects to a multi-node test cluster (read when ray is first imported).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pytest
 

@@ -36,11 +36,13 @@ def ray_head(**options):
 
 
 @contextmanager
-def serve_app(config_file: str, model: str, overrides: dict | None = None):
-    """Start Ray, deploy deploy/<config_file> with ``overrides`` on a free port; yield the address."""
+def serve_app(config_file: str, model: str, overrides: dict | None = None, deployments: dict | None = None):
+    """Start Ray, deploy deploy/<config_file> with ``overrides`` (app args) and ``deployments``
+    (per-deployment options) on a free port; yield the router address."""
     from router import launcher
 
-    config = launcher.load_config(DEPLOY / config_file, model=model, port=free_port(), overrides=overrides)
+    config = launcher.load_config(DEPLOY / config_file, model=model, port=free_port(), overrides=overrides,
+                                  deployments=deployments)
     with ray_head():
         yield launcher.deploy(config)
 
