@@ -43,6 +43,7 @@ def serve_app(config_file: str, model: str, overrides: dict | None = None, deplo
 
     config = launcher.load_config(DEPLOY / config_file, model=model, port=free_port(), overrides=overrides,
                                   deployments=deployments)
+    config["applications"][0]["logging_config"] = {"enable_access_log": False}  # quieter test output
     with ray_head():
         yield launcher.deploy(config)
 
