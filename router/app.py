@@ -8,6 +8,7 @@
     host: 127.0.0.1             # gRPC bind address
     port: 50051                 # gRPC port
     kv_transfer: ray            # KVTransfer backend (pd mode)
+    torch_threads: N            # intra-op threads per worker; default: every core of its node
     engine: {...}               # EngineOptions of every worker
     prefill_engine: {...}       # overrides for PrefillWorker (pd mode)
     decode_engine: {...}        # overrides for DecodeWorker (pd mode)
@@ -48,7 +49,7 @@ def default_model() -> str:
 def parse_args(args: dict | None) -> AppConfig:
     args = dict(args or {})
     known = {"mode", "model", "model_id", "host", "port", "kv_transfer", "engine", "prefill_engine",
-             "decode_engine", "router"}
+             "decode_engine", "router", "torch_threads"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"args: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -67,12 +68,13 @@ def parse_args(args: dict | None) -> AppConfig:
                           **router_args)
     engine = EngineOptions.from_dict(args.get("engine"), "args.engine")
     transfer = args.get("kv_transfer", "ray")
+    threads = args.get("torch_threads")
     if mode == "unified":
-        workers = {"unified": WorkerConfig("unified", model, model_id, engine)}
+        workers = {"unified": WorkerConfig("unified", model, model_id, engine, torch_threads=threads)}
     else:
         workers = {role: WorkerConfig(role, model, model_id,
                                       engine.merged(args.get(f"{role}_engine"), f"args.{role}_engine"),
-                                      kv_transfer=transfer)
+                                      kv_transfer=transfer, torch_threads=threads)
                    for role in ("prefill", "decode")}
         if workers["prefill"].engine.block_size != workers["decode"].engine.block_size:
             raise ValueError("args: prefill_engine.block_size and decode_engine.block_size must be equal")

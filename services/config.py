@@ -53,6 +53,7 @@ class WorkerConfig:
     kv_transfer: str = "ray"  # KVTransfer backend name (prefill and decode roles)
     adopt_timeout_s: float = 30.0  # decode: how long to wait for KV blocks before RESOURCE_EXHAUSTED
     kv_hold_s: float = 60.0  # prefill: release a sent KV payload nobody adopted after this long
+    torch_threads: int | None = None  # intra-op threads; None = every core of the node (Ray would set 1)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import ray
+import torch
 from ray import serve
 
 from services import kv_transfer
@@ -54,6 +56,8 @@ class EngineWorker:
 
     def __init__(self, config: WorkerConfig):
         self.config = config
+        # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1): torch would use one core only.
+        torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
         self.engine = ServingEngine.from_model(config.model, **config.engine.as_kwargs())
         self.transfer = kv_transfer.create(config.kv_transfer) if config.role != "unified" else None
         self._open = 0

@@ -1,0 +1,54 @@
+"""deploy/*.yaml are valid Serve configs whose app args our builder accepts (no Ray started)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from router.app import parse_args
+from router.launcher import load_config
+from services.engine.make_model import make_model
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(make_model("tiny-llama", tmp_path_factory.mktemp("m")))
+
+
+@pytest.mark.parametrize("name,mode,roles", [("local.yaml", "unified", {"unified"}),
+                                             ("pd.yaml", "pd", {"prefill", "decode"})])
+def test_deploy_yaml_is_a_serve_config_our_builder_accepts(name, mode, roles, model):
+    raw = yaml.safe_load((DEPLOY / name).read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    (app,) = schema.applications
+    assert app.import_path == "router.app:build_app" and schema.proxy_location.value == "Disabled"
+    config = parse_args(load_config(DEPLOY / name, model=model, port=50099)["applications"][0]["args"])
+    assert config.mode == mode and set(config.workers) == roles
+    assert config.router.host == "127.0.0.1" and config.router.port == 50099
+    if mode == "pd":
+        names = {d.name: d for d in app.deployments}
+        assert names["PrefillWorker"].autoscaling_config and names["DecodeWorker"].autoscaling_config
+
+
+def test_bad_args_are_named(model):
+    with pytest.raises(ValueError, match="args.mode"):
+        parse_args({"model": model, "mode": "x"})
+    with pytest.raises(ValueError, match="args.engine"):
+        parse_args({"model": model, "engine": {"nope": 1}})
+    with pytest.raises(ValueError, match="args.model"):
+        parse_args({"model": "/nonexistent"})
+    with pytest.raises(ValueError, match="unknown key"):
+        parse_args({"model": model, "typo": 1})
+
+
+def test_deployment_overrides_merge(model):
+    config = load_config(DEPLOY / "pd.yaml", model=model, overrides={"engine": {"num_kv_blocks": 8}},
+                         deployments={"DecodeWorker": {"autoscaling_config": {"max_replicas": 3}},
+                                      "Extra": {"num_replicas": 1}})
+    app = config["applications"][0]
+    assert app["args"]["engine"]["num_kv_blocks"] == 8 and app["args"]["engine"]["kv_cache_memory_gb"] == 1.0
+    decode = next(d for d in app["deployments"] if d["name"] == "DecodeWorker")
+    assert decode["autoscaling_config"]["max_replicas"] == 3 and decode["autoscaling_config"]["min_replicas"] == 1
