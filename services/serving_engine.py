@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from services.engine.async_engine import AsyncEngine, _Stream
+from services.engine.model.attention import read_blocks, write_blocks
 from services.engine.outputs import TokenChunk
 from services.engine.request import Request, RequestStatus
 from services.engine.sampling_params import SamplingParams
@@ -112,7 +113,7 @@ class ServingEngine(AsyncEngine):
             table = self.engine.kv.block_tables.get(req.request_id, [])
             nblk = self.engine.kv.blocks_needed(cap.num_prompt_tokens)
             idx = torch.tensor(table[:nblk], dtype=torch.long, device=self.engine.device)
-            cap.kv = torch.stack([c[:, idx] for c in self.engine.runner.kv_caches])  # [L, 2, nb, bs, H, D]
+            cap.kv = torch.stack([read_blocks(c, idx) for c in self.engine.runner.kv_caches])  # [L, 2, nb, bs, H, D]
             if req.generator is not None:
                 cap.generator_state = req.generator.get_state().numpy().tobytes()
         self._finish(req, reason)
@@ -175,7 +176,7 @@ class ServingEngine(AsyncEngine):
             idx = torch.tensor(eng.kv.block_tables[rid], dtype=torch.long, device=eng.device)
             src = kv.to(eng.device)
             for layer, cache in enumerate(eng.runner.kv_caches):
-                cache[:, idx] = src[layer].to(cache.dtype)
+                write_blocks(cache, idx, src[layer])
             req.num_computed_tokens = num_prompt
             eng.kv.cache_full_blocks(req, num_prompt)
             self._first_text(req, req.output_token_ids[0])

@@ -16,7 +16,7 @@ import torch
 from services.engine.checkpoint import checkpoint_fingerprint
 from services.engine.config import EngineConfig
 from services.engine.kv_cache import KVCacheManager, hash_seed
-from services.engine.model.packing import transpose_linears
+from services.engine.model.packing import use_onednn_linears
 from services.engine.model.registry import load_model
 from services.engine.outputs import TokenChunk
 from services.engine.request import Request
@@ -48,8 +48,7 @@ class LLMEngine:
         self.config = config
         self.device = torch.device(config.device)
         self.model = load_model(config.model, device=self.device, dtype=config.dtype)
-        if self.device.type == "cpu":
-            transpose_linears(self.model)
+        use_onednn_linears(self.model)  # CPU fp32 only; see packing.py for the measurements
         self.model_config = self.model.config
         self.tokenizer = Tokenizer(config.model)
         self.detokenizer = Detokenizer(self.tokenizer)

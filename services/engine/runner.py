@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from services.engine.kv_cache import KVCacheManager
-from services.engine.model.attention import AttentionMetadata, PrefillSlice, causal_mask, decode_mask
+from services.engine.model.attention import (AttentionMetadata, PrefillSlice, causal_mask, decode_mask,
+                                             kv_cache_shape)
 from services.engine.request import Request
 from services.engine.sampler import SampleResult, Sampler
 
@@ -42,7 +43,7 @@ class ModelRunner:
         self.block_size = kv.block_size
         self.sliding_window = cfg.sliding_window
         self.sampler = sampler
-        shape = (2, num_blocks, kv.block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = kv_cache_shape(num_blocks, kv.block_size, cfg.num_kv_heads, cfg.head_dim)
         # zeros, not empty: masked decode reads padding blocks, which must hold finite values
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.mask_dtype = dtype
@@ -98,7 +99,7 @@ class ModelRunner:
                                    self.mask_dtype)
         else:
             dec_tables = torch.zeros((0, 1), dtype=torch.long, device=dev)
-            dec_mask = torch.zeros((0, 1, 1, bs), dtype=self.mask_dtype, device=dev)
+            dec_mask = torch.zeros((1, 0, 1, bs), dtype=self.mask_dtype, device=dev)
         slices, row = [], len(decodes)
         for r in prefills:
             n = schedule[r]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from services.engine.make_model import make_model
-from services.engine.model.attention import AttentionMetadata, PrefillSlice, causal_mask, decode_mask
+from services.engine.model.attention import AttentionMetadata, PrefillSlice, causal_mask, decode_mask, kv_cache_shape
 from services.engine.model.registry import load_model
 
 transformers = pytest.importorskip("transformers")
@@ -74,7 +74,7 @@ def _prefill(row: int, blocks: list[int], start: int, end: int, window: int | No
 def _prefill_meta(blocks: list[int], start: int, end: int, window: int | None) -> AttentionMetadata:
     return AttentionMetadata(slot_mapping=_slots(blocks, start, end), num_decodes=0,
                              decode_block_tables=torch.zeros(0, 1, dtype=torch.long),
-                             decode_mask=torch.zeros(0, 1, 1, BLOCK_SIZE), prefills=(_prefill(0, blocks, start, end, window),))
+                             decode_mask=torch.zeros(1, 0, 1, BLOCK_SIZE), prefills=(_prefill(0, blocks, start, end, window),))
 
 
 def _decode_fields(blocks: list[int], pos: int, window: int | None) -> dict:
@@ -86,7 +86,7 @@ def _decode_fields(blocks: list[int], pos: int, window: int | None) -> dict:
 
 def _kv_caches(model) -> list[torch.Tensor]:
     c = model.config
-    return [torch.zeros(2, NUM_BLOCKS, BLOCK_SIZE, c.num_kv_heads, c.head_dim) for _ in range(c.num_layers)]
+    return [torch.zeros(kv_cache_shape(NUM_BLOCKS, BLOCK_SIZE, c.num_kv_heads, c.head_dim)) for _ in range(c.num_layers)]
 
 
 def _prompt(vocab: int, n: int, seed: int) -> list[int]:

@@ -2,8 +2,12 @@
 
 Glossary
 - slot: one token position in the KV cache; ``slot = block_id * block_size + offset``.
-- KV cache of one layer: a tensor ``[2, num_blocks, block_size, num_kv_heads, head_dim]``
-  (index 0 = K, 1 = V). Block ids come from the engine's ``BlockPool``.
+- KV cache of one layer: a tensor ``[2, num_kv_heads, num_blocks, block_size, head_dim]``
+  (index 0 = K, 1 = V). Head-major, so that gathering a sequence's blocks yields
+  ``[Hkv, tokens, head_dim]`` directly in the layout the attention matmuls read (no
+  transpose copies). Block ids come from the engine's ``BlockPool``. ``read_blocks`` /
+  ``write_blocks`` move whole blocks in and out in the block-major transfer layout
+  ``[2, n, block_size, num_kv_heads, head_dim]``.
 - decode sequence: a sequence that contributes exactly one query token this step.
 - prefill sequence: a sequence that contributes more than one query token (a prompt
   chunk, or a speculative verification window); it may already have context in cache.
@@ -49,15 +53,39 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64, cache slot where each new token's K/V goes
     num_decodes: int  # number of decode sequences (= their token rows)
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int64 (padded with 0)
-    decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_blocks*block_size] float additive mask
+    decode_mask: torch.Tensor  # [1, num_decodes, 1, max_blocks*block_size] float additive mask
     prefills: tuple[PrefillSlice, ...]  # the other sequences, rows after the decodes
 
 
+def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+    """Shape of one layer's KV cache tensor."""
+    return (2, num_kv_heads, num_blocks, block_size, head_dim)
+
+
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store the new tokens' K/V. kv_cache [2, N, bs, Hkv, D]; k, v [T, Hkv, D]; slots [T]."""
-    num_kv_heads, head_dim = kv_cache.shape[-2:]
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.to(kv_cache.dtype))
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.to(kv_cache.dtype))
+    """Store the new tokens' K/V. kv_cache [2, Hkv, N, bs, D]; k, v [T, Hkv, D]; slots [T]."""
+    num_kv_heads, head_dim = kv_cache.shape[1], kv_cache.shape[-1]
+    kv_cache[0].view(num_kv_heads, -1, head_dim).index_copy_(1, slots, k.transpose(0, 1).to(kv_cache.dtype))
+    kv_cache[1].view(num_kv_heads, -1, head_dim).index_copy_(1, slots, v.transpose(0, 1).to(kv_cache.dtype))
+
+
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """cache [Hkv, N, bs, D] (K or V of one layer), block_ids [n] -> [Hkv, n * bs, D].
+
+    ``index_select`` copies whole contiguous blocks (memcpy speed), unlike advanced indexing.
+    """
+    out = torch.index_select(cache, 1, block_ids)
+    return out.view(cache.shape[0], -1, cache.shape[-1])
+
+
+def read_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Copy blocks out: kv_cache [2, Hkv, N, bs, D] -> [2, n, bs, Hkv, D] (transfer layout)."""
+    return kv_cache.index_select(2, block_ids).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def write_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor, blocks: torch.Tensor) -> None:
+    """Copy blocks in: blocks [2, n, bs, Hkv, D] (transfer layout) into kv_cache [2, Hkv, N, bs, D]."""
+    kv_cache.index_copy_(2, block_ids, blocks.permute(0, 3, 1, 2, 4).to(kv_cache.dtype))
 
 
 class PagedAttention(nn.Module):
@@ -90,43 +118,36 @@ class PagedAttention(nn.Module):
         """One query per sequence. q [B, H, D] -> [B, H, D]."""
         b = q.shape[0]
         groups = self.num_heads // self.num_kv_heads
-        # [B, max_blocks, bs, Hkv, D] -> [B, Hkv, L, D]
-        keys = gather_blocks(kv_cache[0], meta.decode_block_tables).flatten(1, 2).transpose(1, 2)
-        values = gather_blocks(kv_cache[1], meta.decode_block_tables).flatten(1, 2).transpose(1, 2)
-        qg = q.view(b, self.num_kv_heads, groups, self.head_dim)  # [B, Hkv, G, D]
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(self.scale)  # [B, Hkv, G, L]
+        table = meta.decode_block_tables.reshape(-1)
+        keys = gather_blocks(kv_cache[0], table).view(self.num_kv_heads, b, -1, self.head_dim)  # [Hkv, B, L, D]
+        values = gather_blocks(kv_cache[1], table).view(self.num_kv_heads, b, -1, self.head_dim)
+        qg = q.view(b, self.num_kv_heads, groups, self.head_dim).transpose(0, 1)  # [Hkv, B, G, D]
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(self.scale)  # [Hkv, B, G, L]
         scores.add_(meta.decode_mask)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
-        return torch.matmul(probs, values).view(b, self.num_heads, self.head_dim)
+        out = torch.matmul(probs, values)  # [Hkv, B, G, D]
+        return out.transpose(0, 1).reshape(b, self.num_heads, self.head_dim)
 
     def _prefill(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                  kv_cache: torch.Tensor, p: PrefillSlice) -> torch.Tensor:
         """q [Tq, H, D] -> [Tq, H, D], attending to the sequence's first seq_len cached tokens."""
         q_len = p.q_end - p.q_start
         if q_len == p.seq_len:  # no earlier context: the new K/V are the whole sequence
-            keys, values = k_new[p.q_start:p.q_end], v_new[p.q_start:p.q_end]
+            keys = k_new[p.q_start:p.q_end].transpose(0, 1)  # [Hkv, S, D]
+            values = v_new[p.q_start:p.q_end].transpose(0, 1)
         else:
-            keys = gather_blocks(kv_cache[0], p.block_ids).flatten(0, 1)[:p.seq_len]
-            values = gather_blocks(kv_cache[1], p.block_ids).flatten(0, 1)[:p.seq_len]
+            keys = gather_blocks(kv_cache[0], p.block_ids)[:, :p.seq_len]
+            values = gather_blocks(kv_cache[1], p.block_ids)[:, :p.seq_len]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),  # [1, H, Tq, D]
-            keys.transpose(0, 1).unsqueeze(0).to(q.dtype),  # [1, Hkv, S, D]
-            values.transpose(0, 1).unsqueeze(0).to(q.dtype),
+            keys.unsqueeze(0).to(q.dtype),  # [1, Hkv, S, D]
+            values.unsqueeze(0).to(q.dtype),
             attn_mask=p.mask,
             is_causal=p.mask is None,
             scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return out.squeeze(0).transpose(0, 1)
-
-
-def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    """cache [N, bs, Hkv, D], block_ids [...] -> [..., bs, Hkv, D].
-
-    ``index_select`` copies whole contiguous blocks (memcpy-speed), unlike advanced indexing.
-    """
-    out = torch.index_select(cache, 0, block_ids.reshape(-1))
-    return out.view(*block_ids.shape, *cache.shape[1:])
 
 
 def causal_mask(q_len: int, seq_len: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -146,11 +167,11 @@ def causal_mask(q_len: int, seq_len: int, sliding_window: int | None, device: to
 
 def decode_mask(seq_lens: torch.Tensor, width: int, sliding_window: int | None,
                 dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [B, 1, 1, width]: 0 where key position < seq_len (and inside the window)."""
+    """Additive mask [1, B, 1, width]: 0 where key position < seq_len (and inside the window)."""
     k_pos = torch.arange(width, device=seq_lens.device).unsqueeze(0)
     keep = k_pos < seq_lens.unsqueeze(1)
     if sliding_window is not None:
         keep &= k_pos >= (seq_lens.unsqueeze(1) - sliding_window)
     mask = torch.zeros(keep.shape, dtype=dtype, device=seq_lens.device)
     mask.masked_fill_(~keep, float("-inf"))
-    return mask.view(len(seq_lens), 1, 1, width)
+    return mask.view(1, len(seq_lens), 1, width)

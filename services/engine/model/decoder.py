@@ -42,7 +42,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """x [T, D], cos/sin [T, 1, Dh/2], kv_cache [2, blocks, block_size, Hkv, Dh] -> [T, D]."""
+        """x [T, D], cos/sin [T, 1, Dh/2], kv_cache [2, Hkv, blocks, block_size, Dh] -> [T, D]."""
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) Dh]
         qk_size = self.q_size + self.kv_size
@@ -99,12 +99,13 @@ class CausalLM(nn.Module):
         # None when tied: compute_logits uses embed_tokens.weight
         self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False,
                                                                     dtype=dtype)
+        self.linear_fn = F.linear  # GEMM of the tied LM head; a CPU backend may swap it (packing.py)
         self.rotary = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids [T] int64, positions [T] int64 (position of each token in its sequence),
-        kv_caches: one [2, blocks, block_size, Hkv, Dh] tensor per layer (written in place)
+        kv_caches: one [2, Hkv, blocks, block_size, Dh] tensor per layer (written in place)
         -> hidden [T, D] after the final norm."""
         cos, sin = self.rotary(positions, self.dtype)
         x = self.embed_tokens(input_ids)  # [T, D]
@@ -115,5 +116,5 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, D] -> logits [N, V] float32."""
         if self.lm_head is None:
-            return F.linear(hidden, self.embed_tokens.weight).float()
+            return self.linear_fn(hidden, self.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
