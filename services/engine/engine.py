@@ -16,6 +16,7 @@ import torch
 from services.engine.checkpoint import checkpoint_fingerprint
 from services.engine.config import EngineConfig
 from services.engine.kv_cache import KVCacheManager, hash_seed
+from services.engine.malloc import keep_large_buffers_in_heap
 from services.engine.model.packing import use_onednn_linears
 from services.engine.model.registry import load_model
 from services.engine.outputs import TokenChunk
@@ -47,6 +48,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            keep_large_buffers_in_heap()  # see malloc.py: +15-25% decode throughput measured
         self.model = load_model(config.model, device=self.device, dtype=config.dtype)
         use_onednn_linears(self.model)  # CPU fp32 only; see packing.py for the measurements
         self.model_config = self.model.config

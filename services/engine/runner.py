@@ -42,6 +42,7 @@ class ModelRunner:
         self.device = device
         self.block_size = kv.block_size
         self.sliding_window = cfg.sliding_window
+        self.num_kv_heads = cfg.num_kv_heads
         self.sampler = sampler
         shape = kv_cache_shape(num_blocks, kv.block_size, cfg.num_kv_heads, cfg.head_dim)
         # zeros, not empty: masked decode reads padding blocks, which must hold finite values
@@ -96,10 +97,10 @@ class ModelRunner:
                 bt[i, :len(t)] = t
             dec_tables = torch.from_numpy(bt).to(dev)
             dec_mask = decode_mask(torch.tensor(seq_lens, device=dev), width * bs, self.sliding_window,
-                                   self.mask_dtype)
+                                   self.mask_dtype, self.num_kv_heads)
         else:
             dec_tables = torch.zeros((0, 1), dtype=torch.long, device=dev)
-            dec_mask = torch.zeros((1, 0, 1, bs), dtype=self.mask_dtype, device=dev)
+            dec_mask = torch.zeros((0, 1, bs), dtype=self.mask_dtype, device=dev)
         slices, row = [], len(decodes)
         for r in prefills:
             n = schedule[r]

@@ -74,7 +74,7 @@ def _prefill(row: int, blocks: list[int], start: int, end: int, window: int | No
 def _prefill_meta(blocks: list[int], start: int, end: int, window: int | None) -> AttentionMetadata:
     return AttentionMetadata(slot_mapping=_slots(blocks, start, end), num_decodes=0,
                              decode_block_tables=torch.zeros(0, 1, dtype=torch.long),
-                             decode_mask=torch.zeros(1, 0, 1, BLOCK_SIZE), prefills=(_prefill(0, blocks, start, end, window),))
+                             decode_mask=torch.zeros(0, 1, BLOCK_SIZE), prefills=(_prefill(0, blocks, start, end, window),))
 
 
 def _decode_fields(blocks: list[int], pos: int, window: int | None) -> dict:

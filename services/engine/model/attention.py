@@ -53,7 +53,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64, cache slot where each new token's K/V goes
     num_decodes: int  # number of decode sequences (= their token rows)
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int64 (padded with 0)
-    decode_mask: torch.Tensor  # [1, num_decodes, 1, max_blocks*block_size] float additive mask
+    decode_mask: torch.Tensor  # [Hkv*num_decodes, 1, max_blocks*block_size] additive mask (0 / -inf), kv-head major
     prefills: tuple[PrefillSlice, ...]  # the other sequences, rows after the decodes
 
 
@@ -106,8 +106,12 @@ class PagedAttention(nn.Module):
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] for the new tokens -> output [T, H, D]."""
         write_kv(kv_cache, k, v, meta.slot_mapping)
-        out = torch.empty_like(q)
         nd = meta.num_decodes
+        if not meta.prefills:  # decode-only step: no scatter into a shared output
+            return self._decode(q, kv_cache, meta)
+        if not nd and len(meta.prefills) == 1:
+            return self._prefill(q, k, v, kv_cache, meta.prefills[0])
+        out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], kv_cache, meta)
         for p in meta.prefills:
@@ -115,18 +119,22 @@ class PagedAttention(nn.Module):
         return out
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """One query per sequence. q [B, H, D] -> [B, H, D]."""
-        b = q.shape[0]
-        groups = self.num_heads // self.num_kv_heads
+        """One query per sequence. q [B, H, D] -> [B, H, D].
+
+        Batched over (kv head, sequence): scores [Hkv*B, G, L] = scale * q @ K^T + mask in
+        one ``baddbmm``, G = H / Hkv query heads sharing each kv head.
+        """
+        b, hkv, d = q.shape[0], self.num_kv_heads, self.head_dim
+        groups = self.num_heads // hkv
         table = meta.decode_block_tables.reshape(-1)
-        keys = gather_blocks(kv_cache[0], table).view(self.num_kv_heads, b, -1, self.head_dim)  # [Hkv, B, L, D]
-        values = gather_blocks(kv_cache[1], table).view(self.num_kv_heads, b, -1, self.head_dim)
-        qg = q.view(b, self.num_kv_heads, groups, self.head_dim).transpose(0, 1)  # [Hkv, B, G, D]
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(self.scale)  # [Hkv, B, G, L]
-        scores.add_(meta.decode_mask)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
-        out = torch.matmul(probs, values)  # [Hkv, B, G, D]
-        return out.transpose(0, 1).reshape(b, self.num_heads, self.head_dim)
+        keys = gather_blocks(kv_cache[0], table).view(hkv * b, -1, d)  # [Hkv*B, L, D]
+        values = gather_blocks(kv_cache[1], table).view(hkv * b, -1, d)
+        qg = q.view(b, hkv, groups, d).transpose(0, 1).reshape(hkv * b, groups, d)  # [Hkv*B, G, D]
+        scores = torch.baddbmm(meta.decode_mask, qg.to(keys.dtype), keys.transpose(1, 2), alpha=self.scale)
+        probs = torch.softmax(scores, dim=-1) if scores.dtype == torch.float32 else \
+            torch.softmax(scores.float(), dim=-1).to(values.dtype)
+        out = torch.bmm(probs, values)  # [Hkv*B, G, D]
+        return out.view(hkv, b, groups, d).transpose(0, 1).reshape(b, self.num_heads, d)
 
     def _prefill(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                  kv_cache: torch.Tensor, p: PrefillSlice) -> torch.Tensor:
@@ -166,12 +174,13 @@ def causal_mask(q_len: int, seq_len: int, sliding_window: int | None, device: to
 
 
 def decode_mask(seq_lens: torch.Tensor, width: int, sliding_window: int | None,
-                dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [1, B, 1, width]: 0 where key position < seq_len (and inside the window)."""
+                dtype: torch.dtype, num_kv_heads: int = 1) -> torch.Tensor:
+    """Additive mask [num_kv_heads * B, 1, width] (kv-head major): 0 where the key position
+    is < seq_len (and inside the window), -inf elsewhere."""
     k_pos = torch.arange(width, device=seq_lens.device).unsqueeze(0)
     keep = k_pos < seq_lens.unsqueeze(1)
     if sliding_window is not None:
         keep &= k_pos >= (seq_lens.unsqueeze(1) - sliding_window)
     mask = torch.zeros(keep.shape, dtype=dtype, device=seq_lens.device)
     mask.masked_fill_(~keep, float("-inf"))
-    return mask.view(1, len(seq_lens), 1, width)
+    return mask.unsqueeze(1).repeat(num_kv_heads, 1, 1)
