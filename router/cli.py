@@ -73,11 +73,20 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     config = launcher.load_config(config_file, model=model, port=args.port)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def on_signal(*_):  # installed explicitly: a background job starts with SIGINT ignored
+        if stop.is_set() or not serving.is_set():
+            raise KeyboardInterrupt  # still deploying (or a second Ctrl-C): stop waiting now
+        stop.set()
+
+    serving = threading.Event()
     print(f"tandem serve: starting Ray (127.0.0.1, token auth, no dashboard) and {config_file.name} ...", flush=True)
-    launcher.start_local_ray(num_cpus=args.num_cpus)
     try:
+        launcher.start_local_ray(num_cpus=args.num_cpus)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
+            signal.signal(sig, on_signal)
         address = launcher.deploy(config, timeout_s=args.timeout)
+        serving.set()
         print(f"tandem serve: serving {Path(model).name} on {address} (Ctrl-C stops)", flush=True)
         print(f"  try: {_self_command()} generate --address {address} \"The for statement\"", flush=True)
         while not stop.wait(1.0):

@@ -5,9 +5,10 @@ tensor data); ``fetch`` awaits the ObjectRef and gets a zero-copy read-only view
 same node, or a plasma-to-plasma copy across nodes.
 
 The sender (the object's owner) keeps its own reference until ``release``. Borrowed
-references alone are not enough: Ray 2.60 frees an object whose owner dropped its
-reference while a Serve replica passes the borrowed ref on, nested in a handle call's
-arguments, to another replica (ReferenceCountingAssertionError under concurrency).
+references alone are not enough: Serve 2.60 cloudpickles handle-call arguments itself, so
+an ObjectRef nested in them (router -> decode) travels out of band and is not counted as
+borrowed; once the owner drops its reference the object can be freed before the decode
+replica fetches it (ReferenceCountingAssertionError under concurrency).
 """
 
 from __future__ import annotations
