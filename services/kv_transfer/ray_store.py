@@ -5,13 +5,21 @@ tensor data); ``fetch`` awaits the ObjectRef and gets a zero-copy read-only view
 same node, or a plasma-to-plasma copy across nodes.
 
 The sender (the object's owner) keeps its own reference until ``release``. Borrowed
-references alone are not enough: Serve 2.60 cloudpickles handle-call arguments itself, so
-an ObjectRef nested in them (router -> decode) travels out of band and is not counted as
-borrowed; once the owner drops its reference the object can be freed before the decode
-replica fetches it (ReferenceCountingAssertionError under concurrency).
+references alone are not enough on Ray 2.60: when the router passes the borrowed ref on,
+nested in a handle call's arguments, to the decode replica, the object can be freed once
+the owner drops its reference, before the decode replica fetches it
+(ReferenceCountingAssertionError, reproduced at 64 concurrent requests).
+
+Do not combine with Serve's gRPC transport between replicas (RAY_SERVE_USE_GRPC_BY_DEFAULT,
+part of RAY_SERVE_THROUGHPUT_OPTIMIZED): it pickles handle arguments itself, the ObjectRef
+travels out of band and Ray pins every payload forever (measured: 100 requests left 49 MiB
+in plasma). ``check_transport`` warns about it.
 """
 
 from __future__ import annotations
+
+import logging
+import os
 
 import ray
 
@@ -19,10 +27,23 @@ from services.kv_transfer.base import KVPayload, KVTransfer, register
 from services.types import KVHandle, KVTransferError
 
 
+log = logging.getLogger("tandem.kv_transfer")
+_GRPC_TRANSPORT_VARS = ("RAY_SERVE_USE_GRPC_BY_DEFAULT", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
+
+
+def check_transport() -> None:
+    """Warn when Serve's gRPC transport is on: it would leak every KV payload (see above)."""
+    on = [v for v in _GRPC_TRANSPORT_VARS if os.environ.get(v, "0").lower() in ("1", "true")]
+    if on:
+        log.warning("kv_transfer[ray]: %s is set; Serve's gRPC transport pins every KV payload in the "
+                    "object store (memory leak). Unset it for P/D mode.", "/".join(on))
+
+
 @register("ray")
 class RayObjectStoreTransfer(KVTransfer):
     def __init__(self):
         self._held: dict[str, ray.ObjectRef] = {}
+        check_transport()
 
     def release(self, handle: KVHandle) -> None:
         self._held.pop(handle.request_id, None)
