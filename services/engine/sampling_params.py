@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MAX_LOGPROBS = 20
 
@@ -27,7 +27,6 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past the model's EOS tokens
     logprobs: int | None = None  # return the sampled token's logprob plus the top-n (0..20)
     skip_special_tokens: bool = True  # leave special tokens out of the returned text
-    extra: dict = field(default_factory=dict, compare=False, repr=False)  # reserved for services
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _as_tuple(self.stop, "stop", str))
