@@ -42,6 +42,10 @@ $(HELM):
 
 helm: $(HELM)
 
+# deploy/grafana/tandem.json and the chart's copy, from deploy/grafana/generate.py
+dashboards:
+	$(PYTHON) deploy/grafana/generate.py
+
 protos: $(STAMP)
 	$(BIN)/python -m protos.generate
 
