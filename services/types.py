@@ -43,6 +43,7 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...]  # ids that end generation unless ignore_eos
     block_size: int  # tokens per KV block
     traceparent: str = ""  # W3C trace context of the call that asked
+    block_hash_seed: bytes = b""  # seed of the engine's block-hash chain (model fingerprint, dtype, block size)
 
 
 @dataclass
@@ -134,3 +135,26 @@ class WorkerStats:
     num_kv_adopted: int = 0  # KV payloads adopted into the engine since start
     num_kv_held: int = 0  # KV payloads sent and not yet released (prefill; in flight to decode)
     traceparent: str = ""  # W3C trace context of the call that asked
+
+
+# ---- the token channel (router <-> worker; services/stream_channel.py, router/channels.py) ----
+class WrongReplicaError(RuntimeError):
+    """A call meant for one replica reached another (it left the replica set); the router re-routes."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a per-request ``submit`` or a ``channel`` call must run, and whose channel gets the chunks."""
+
+    router_id: str  # the calling router replica (its channel on this worker receives the chunks)
+    replica_id: str  # the Serve replica id the call is meant for ("" = any replica)
+    traceparent: str = ""  # W3C trace context of the router's span
+
+
+@dataclass
+class ChunkBatch:
+    """New output of every request one router has on one worker since the previous batch
+    (worker -> router, one streamed item per engine step or fewer when the router reads slowly)."""
+
+    chunks: list[tuple[str, StreamChunk]]  # (request_id, chunk), at most one chunk per request
+    traceparent: str = ""  # W3C trace context (unused: batches mix requests)

@@ -29,9 +29,11 @@ from services import kv_transfer
 from services.config import WorkerConfig
 from services.engine.outputs import TokenChunk
 from services.engine.scheduler import EngineOverloadedError
+from services.routing_report import routing_stats
 from services.serving_engine import ServingEngine
-from services.types import (DecodeCall, GenerateCall, KVTransferError, ModelInfo, PrefillFailedError,
-                            PrefillResult, StreamChunk, WorkerStats)
+from services.stream_channel import ChannelHub
+from services.types import (ChunkBatch, DecodeCall, GenerateCall, KVTransferError, ModelInfo, PrefillFailedError,
+                            PrefillResult, Route, StreamChunk, WorkerStats)
 
 log = logging.getLogger("tandem.worker")
 
@@ -66,7 +68,9 @@ class EngineWorker:
         eng = self.engine.engine
         self.info = ModelInfo(model_id=config.model_id, max_model_len=eng.max_model_len,
                               vocab_size=eng.model_config.vocab_size,
-                              eos_token_ids=tuple(sorted(eng.eos_token_ids)), block_size=eng.kv.block_size)
+                              eos_token_ids=tuple(sorted(eng.eos_token_ids)), block_size=eng.kv.block_size,
+                              block_hash_seed=eng.kv.seed)
+        self.channels = ChannelHub(_replica_id())  # the token channels to the routers (stream_channel.py)
 
     # ---- request paths -------------------------------------------------------------------
     async def generate(self, call: GenerateCall) -> AsyncIterator[StreamChunk]:
@@ -81,7 +85,7 @@ class EngineWorker:
         finally:
             self._open -= 1
 
-    async def prefill(self, call: GenerateCall) -> AsyncIterator[PrefillResult]:
+    async def prefill(self, call: GenerateCall, route: Route | None = None) -> AsyncIterator[PrefillResult]:
         """Prefill role: compute the prompt, sample the first token, hand the KV to the backend.
 
         Streams one ``PrefillResult`` and then holds the KV until the caller closes the stream
@@ -133,6 +137,26 @@ class EngineWorker:
         finally:
             self._open -= 1
 
+    # ---- the token channel (services/stream_channel.py) ----------------------------------
+    async def submit(self, call: GenerateCall | DecodeCall, route: Route) -> None:
+        """One request (unified: ``generate``; decode: ``decode``) whose chunks go to the router's
+        channel; returns when the request ended. Cancelling the call aborts the request."""
+        self.channels.check(route)
+        if isinstance(call, DecodeCall):
+            source, rid = self.decode(call), call.call.request_id
+        else:
+            source, rid = self.generate(call), call.request_id
+        await self.channels.pump(route, rid, source)
+
+    async def channel(self, route: Route) -> AsyncIterator[ChunkBatch]:
+        """The long-lived stream of one router replica: a ``ChunkBatch`` per engine step."""
+        async for batch in self.channels.stream(route):
+            yield batch
+
+    def record_routing_stats(self) -> dict:
+        """Serve calls this per ``request_routing_stats_period_s`` (services/routing_report.py)."""
+        return routing_stats(self.engine, with_keys=self.config.role != "decode")
+
     # ---- admin ---------------------------------------------------------------------------
     def abort(self, request_id: str) -> bool:
         return self.engine.abort(request_id)
@@ -142,11 +166,7 @@ class EngineWorker:
 
     def stats(self) -> WorkerStats:
         s = self.engine.stats()
-        try:
-            replica_id = serve.get_replica_context().replica_id.unique_id
-        except Exception:
-            replica_id = ""
-        return WorkerStats(role=self.config.role, replica_id=replica_id,
+        return WorkerStats(role=self.config.role, replica_id=_replica_id(),
                            node_id=ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
                            kv_blocks_total=s.kv_blocks_total, kv_blocks_free=s.kv_blocks_free,
                            num_running=s.num_running, num_waiting=s.num_waiting, num_open_streams=self._open,
@@ -163,6 +183,14 @@ class EngineWorker:
             self.engine.shutdown()
         except Exception:
             pass
+
+
+def _replica_id() -> str:
+    """This Serve replica's id ("" outside Serve)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return ""
 
 
 _DEFAULTS = dict(max_ongoing_requests=512, ray_actor_options={"num_cpus": 1},
