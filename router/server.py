@@ -23,6 +23,7 @@ from router.pipeline import PrefillDecodePipeline, UnifiedPipeline
 from router.servicer import AdminServicer, AdmissionLimits, GenerationServicer
 from router.validation import Limits, RequestValidator
 from services.engine.tokenizer import Tokenizer
+from services.telemetry import RouterTelemetry
 
 log = logging.getLogger("tandem.router")
 GENERATION = pb.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -74,8 +75,10 @@ class Router:
         self.config = config
         info = await self.pipeline.model_info()
         validator = RequestValidator(info, Tokenizer(config.model), Limits(config.max_prompt_bytes))
+        # spans from OTEL_*, /metrics on TANDEM_METRICS_PORT (services/telemetry)
+        self.telemetry = RouterTelemetry.for_replica(info.model_id, _replica_id())
         self.generation = GenerationServicer(self.pipeline, validator,
-                                             AdmissionLimits(config.max_inflight_requests))
+                                             AdmissionLimits(config.max_inflight_requests), self.telemetry)
         admin = AdminServicer(self.pipeline, self.generation)
         self.server, self.health = await start_grpc_server(self.generation, admin, config)
 
@@ -92,3 +95,14 @@ class Router:
         if server is not None:
             await self.health.enter_graceful_shutdown()
             await server.stop(self.config.grace_s)
+        telemetry = getattr(self, "telemetry", None)
+        if telemetry is not None:
+            telemetry.shutdown()  # flushes buffered spans
+
+
+def _replica_id() -> str:
+    """This Serve replica's id ("" outside Serve)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return ""

@@ -15,6 +15,8 @@ from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
 from router.errors import RequestError, invalid, status_for
 from router.pipeline import Control
 from router.validation import RequestValidator
+from services.telemetry import RouterTelemetry
+from services.telemetry.metrics import Identity
 from services.types import StreamChunk
 
 log = logging.getLogger("tandem.router")
@@ -49,28 +51,25 @@ def _logprobs(token_ids: list[int], logprobs) -> list[pb.TokenLogprobs]:
     return out
 
 
-def _traceparent(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "traceparent":
-            return value
-    return ""
-
-
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, pipeline, validator: RequestValidator, limits: AdmissionLimits):
+    def __init__(self, pipeline, validator: RequestValidator, limits: AdmissionLimits,
+                 telemetry: RouterTelemetry | None = None):
         self.pipeline = pipeline
         self.validator = validator
         self.limits = limits
+        self.telemetry = telemetry or RouterTelemetry(Identity(validator.info.model_id, "router", "local"))
         self.inflight: dict[str, Control] = {}
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         rid = request.request_id or "?"
         ctl = None
+        obs = self.telemetry.start(context.invocation_metadata())  # tandem.generate span + request metrics
+        context.set_trailing_metadata(obs.trailing_metadata())  # x-trace-id
         try:
             rid = self.validator.request_id(request)
             remaining = context.time_remaining()
             deadline = time.time() + remaining if remaining is not None else None
-            call = await self._build(request, rid, deadline, _traceparent(context))
+            call = await self._build(request, rid, deadline, obs.traceparent)
             if rid in self.inflight:
                 raise invalid(f"request_id: {rid!r} is already in use")
             if len(self.inflight) >= self.limits.max_inflight_requests:
@@ -78,20 +77,26 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                                    f"router at its limit of {self.limits.max_inflight_requests} requests in flight")
             ctl = self.inflight[rid] = Control()
             usage = _Usage(prompt_tokens=len(call.prompt_token_ids))
+            obs.dispatched(call)
             try:
                 async for chunk in self.pipeline.run(call, ctl):
+                    obs.on_chunk(chunk)
                     yield self._response(rid, chunk, usage)
             except (asyncio.CancelledError, Exception) as exc:
                 if not ctl.aborted or _being_cancelled():
                     raise
                 log.info("request %s aborted (%s)", rid, type(exc).__name__)
+                obs.finished("abort", usage.cached_prompt_tokens)
                 yield pb.GenerateResponse(request_id=rid, finish_reason="abort", usage=usage.proto())
         except asyncio.CancelledError:
+            obs.cancelled(context.time_remaining())
             raise  # client cancel or deadline: grpc already knows the status
         except Exception as exc:
             code, message = status_for(exc, rid)
+            obs.failed(code.name, code.value[0], exc, message)
             await context.abort(code, message)
         finally:
+            obs.end()
             if ctl is not None:
                 ctl.cancel()
                 self.inflight.pop(rid, None)
@@ -147,10 +152,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             role=s.role, replica_id=s.replica_id, node_id=s.node_id, kv_blocks_total=s.kv_blocks_total,
             kv_blocks_free=s.kv_blocks_free, num_running=s.num_running, num_waiting=s.num_waiting,
             num_open_streams=s.num_open_streams, num_kv_sent=s.num_kv_sent, num_kv_adopted=s.num_kv_adopted,
-            num_kv_held=s.num_kv_held)
+            num_kv_held=s.num_kv_held, metrics_address=s.metrics_address)
             for s in stats]
         return admin_pb2.GetWorkerStatsResponse(workers=workers,
-                                                num_inflight_requests=len(self.generation.inflight))
+                                                num_inflight_requests=len(self.generation.inflight),
+                                                router_metrics_address=self.generation.telemetry.metrics_address)
 
 
 def _being_cancelled() -> bool:

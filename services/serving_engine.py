@@ -178,6 +178,7 @@ class ServingEngine(AsyncEngine):
             for layer, cache in enumerate(eng.runner.kv_caches):
                 write_blocks(cache, idx, src[layer])
             req.num_computed_tokens = num_prompt
+            req.scheduled_time = time.monotonic()  # queue time of an adoption: waiting for blocks
             eng.kv.cache_full_blocks(req, num_prompt)
             self._first_text(req, req.output_token_ids[0])
             req.status = RequestStatus.RUNNING

@@ -74,6 +74,7 @@ class StreamChunk:
     num_cached_tokens: int = 0  # prompt tokens served from a prefix cache
     num_output_tokens: int = 0  # output tokens so far, this chunk included
     traceparent: str = ""  # W3C trace context of the worker's span
+    queue_time_s: float | None = None  # engine arrival -> first scheduled, on a worker's own chunks (telemetry)
 
 
 @dataclass
@@ -135,6 +136,7 @@ class WorkerStats:
     num_kv_adopted: int = 0  # KV payloads adopted into the engine since start
     num_kv_held: int = 0  # KV payloads sent and not yet released (prefill; in flight to decode)
     traceparent: str = ""  # W3C trace context of the call that asked
+    metrics_address: str = ""  # host:port of this replica's Prometheus /metrics ("" = not served)
 
 
 # ---- the token channel (router <-> worker; services/stream_channel.py, router/channels.py) ----

@@ -32,6 +32,7 @@ from services.engine.scheduler import EngineOverloadedError
 from services.routing_report import routing_stats
 from services.serving_engine import ServingEngine
 from services.stream_channel import ChannelHub
+from services.telemetry import WorkerTelemetry, traced_stream
 from services.types import (ChunkBatch, DecodeCall, GenerateCall, KVTransferError, ModelInfo, PrefillFailedError,
                             PrefillResult, Route, StreamChunk, WorkerStats)
 
@@ -40,7 +41,7 @@ log = logging.getLogger("tandem.worker")
 
 def to_stream_chunk(c: TokenChunk, traceparent: str = "") -> StreamChunk:
     return StreamChunk(c.token_ids, c.text, c.logprobs, c.finish_reason, c.num_prompt_tokens,
-                       c.num_cached_tokens, c.num_output_tokens, traceparent)
+                       c.num_cached_tokens, c.num_output_tokens, traceparent, queue_time_s=c.queue_time_s)
 
 
 @asynccontextmanager
@@ -62,6 +63,10 @@ class EngineWorker:
         torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
         self.engine = ServingEngine.from_model(config.model, **config.engine.as_kwargs())
         self.transfer = kv_transfer.create(config.kv_transfer) if config.role != "unified" else None
+        # spans from OTEL_*, /metrics (engine gauges and prefix store counters read at scrape time)
+        self.telemetry = WorkerTelemetry.for_replica(config.role, config.model_id, _replica_id(), self.engine.stats,
+                                                     lambda: _store_stats(self))
+        self.transfer = self.telemetry.traced_transfer(self.transfer)
         self._open = 0
         self._sent = 0
         self._adopted = 0
@@ -73,6 +78,7 @@ class EngineWorker:
         self.channels = ChannelHub(_replica_id())  # the token channels to the routers (stream_channel.py)
 
     # ---- request paths -------------------------------------------------------------------
+    @traced_stream("unified")
     async def generate(self, call: GenerateCall) -> AsyncIterator[StreamChunk]:
         """Unified role: the whole request in this engine."""
         self._open += 1
@@ -85,6 +91,7 @@ class EngineWorker:
         finally:
             self._open -= 1
 
+    @traced_stream("prefill")
     async def prefill(self, call: GenerateCall, route: Route | None = None) -> AsyncIterator[PrefillResult]:
         """Prefill role: compute the prompt, sample the first token, hand the KV to the backend.
 
@@ -116,6 +123,7 @@ class EngineWorker:
             if handle is not None:
                 self.transfer.release(handle)
 
+    @traced_stream("decode")
     async def decode(self, call: DecodeCall) -> AsyncIterator[StreamChunk]:
         """Decode role: fetch and adopt the KV, then stream from the second token on."""
         req = call.call
@@ -171,7 +179,8 @@ class EngineWorker:
                            kv_blocks_total=s.kv_blocks_total, kv_blocks_free=s.kv_blocks_free,
                            num_running=s.num_running, num_waiting=s.num_waiting, num_open_streams=self._open,
                            num_kv_sent=self._sent, num_kv_adopted=self._adopted,
-                           num_kv_held=self.transfer.num_held() if self.transfer is not None else 0)
+                           num_kv_held=self.transfer.num_held() if self.transfer is not None else 0,
+                           metrics_address=self.telemetry.metrics_address)
 
     def check_health(self) -> None:
         """Serve health check: the engine thread must be alive."""
@@ -183,6 +192,15 @@ class EngineWorker:
             self.engine.shutdown()
         except Exception:
             pass
+        telemetry = getattr(self, "telemetry", None)
+        if telemetry is not None:
+            telemetry.shutdown()  # flushes buffered spans
+
+
+def _store_stats(worker) -> dict | None:
+    """The prefix store's counters (None without a store): read by /metrics at scrape time."""
+    store = getattr(worker, "prefix_store", None)
+    return store.stats() if store is not None else None
 
 
 def _replica_id() -> str:

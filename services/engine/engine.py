@@ -202,7 +202,8 @@ class LLMEngine:
         text = req.text[req.sent_text_len:upto]
         req.sent_text_len = upto
         return TokenChunk(req.request_id, tokens, text, logprobs, req.finish_reason, req.stop_reason,
-                          req.num_prompt_tokens, max(req.num_cached_tokens, 0), len(req.output_token_ids))
+                          req.num_prompt_tokens, max(req.num_cached_tokens, 0), len(req.output_token_ids),
+                          req.queue_time)
 
     def snapshot_stats(self) -> EngineStats:
         s = self.stats

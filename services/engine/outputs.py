@@ -33,6 +33,7 @@ class TokenChunk:
     num_prompt_tokens: int = 0  # prompt length
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_output_tokens: int = 0  # output tokens so far, this chunk included
+    queue_time_s: float | None = None  # arrival in the engine -> first scheduled (None until scheduled)
 
     @property
     def finished(self) -> bool:
@@ -45,4 +46,5 @@ class TokenChunk:
             lp = (self.logprobs or []) + (later.logprobs or [])
         return TokenChunk(self.request_id, self.token_ids + later.token_ids, self.text + later.text, lp,
                           later.finish_reason, later.stop_reason, later.num_prompt_tokens,
-                          later.num_cached_tokens, later.num_output_tokens)
+                          later.num_cached_tokens, later.num_output_tokens,
+                          self.queue_time_s if self.queue_time_s is not None else later.queue_time_s)

@@ -42,6 +42,7 @@ class Request:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     generator: torch.Generator | None = None  # per-request RNG when params.seed is set
     first_token_time: float | None = None
+    scheduled_time: float | None = None  # monotonic time it first entered the running batch
     # detokenizer state (see Detokenizer)
     text: str = ""
     prefix_offset: int = 0
@@ -51,6 +52,11 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def queue_time(self) -> float | None:
+        """Seconds from arrival to first scheduled (None until scheduled)."""
+        return None if self.scheduled_time is None else self.scheduled_time - self.arrival_time
 
     @property
     def num_tokens(self) -> int:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tandem/v1/admin.proto\x12\ttandem.v1\"\x17\n\x15GetWorkerStatsRequest\"\xf7\x01\n\x0bWorkerStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\r\x12\x13\n\x0bnum_running\x18\x06 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x07 \x01(\r\x12\x18\n\x10num_open_streams\x18\x08 \x01(\r\x12\x13\n\x0bnum_kv_sent\x18\t \x01(\x04\x12\x16\n\x0enum_kv_adopted\x18\n \x01(\x04\x12\x13\n\x0bnum_kv_held\x18\x0b \x01(\r\"`\n\x16GetWorkerStatsResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.tandem.v1.WorkerStats\x12\x1d\n\x15num_inflight_requests\x18\x02 \x01(\r2^\n\x05\x41\x64min\x12U\n\x0eGetWorkerStats\x12 .tandem.v1.GetWorkerStatsRequest\x1a!.tandem.v1.GetWorkerStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tandem/v1/admin.proto\x12\ttandem.v1\"\x17\n\x15GetWorkerStatsRequest\"\x90\x02\n\x0bWorkerStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\r\x12\x13\n\x0bnum_running\x18\x06 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x07 \x01(\r\x12\x18\n\x10num_open_streams\x18\x08 \x01(\r\x12\x13\n\x0bnum_kv_sent\x18\t \x01(\x04\x12\x16\n\x0enum_kv_adopted\x18\n \x01(\x04\x12\x13\n\x0bnum_kv_held\x18\x0b \x01(\r\x12\x17\n\x0fmetrics_address\x18\x0c \x01(\t\"\x80\x01\n\x16GetWorkerStatsResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.tandem.v1.WorkerStats\x12\x1d\n\x15num_inflight_requests\x18\x02 \x01(\r\x12\x1e\n\x16router_metrics_address\x18\x03 \x01(\t2^\n\x05\x41\x64min\x12U\n\x0eGetWorkerStats\x12 .tandem.v1.GetWorkerStatsRequest\x1a!.tandem.v1.GetWorkerStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETWORKERSTATSREQUEST']._serialized_start=36
   _globals['_GETWORKERSTATSREQUEST']._serialized_end=59
   _globals['_WORKERSTATS']._serialized_start=62
-  _globals['_WORKERSTATS']._serialized_end=309
-  _globals['_GETWORKERSTATSRESPONSE']._serialized_start=311
-  _globals['_GETWORKERSTATSRESPONSE']._serialized_end=407
-  _globals['_ADMIN']._serialized_start=409
-  _globals['_ADMIN']._serialized_end=503
+  _globals['_WORKERSTATS']._serialized_end=334
+  _globals['_GETWORKERSTATSRESPONSE']._serialized_start=337
+  _globals['_GETWORKERSTATSRESPONSE']._serialized_end=465
+  _globals['_ADMIN']._serialized_start=467
+  _globals['_ADMIN']._serialized_end=561
 # @@protoc_insertion_point(module_scope)

@@ -12,7 +12,7 @@ class GetWorkerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("role", "replica_id", "node_id", "kv_blocks_total", "kv_blocks_free", "num_running", "num_waiting", "num_open_streams", "num_kv_sent", "num_kv_adopted", "num_kv_held")
+    __slots__ = ("role", "replica_id", "node_id", "kv_blocks_total", "kv_blocks_free", "num_running", "num_waiting", "num_open_streams", "num_kv_sent", "num_kv_adopted", "num_kv_held", "metrics_address")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class WorkerStats(_message.Message):
     NUM_KV_SENT_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_ADOPTED_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HELD_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     role: str
     replica_id: str
     node_id: str
@@ -35,12 +36,15 @@ class WorkerStats(_message.Message):
     num_kv_sent: int
     num_kv_adopted: int
     num_kv_held: int
-    def __init__(self, role: _Optional[str] = ..., replica_id: _Optional[str] = ..., node_id: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_open_streams: _Optional[int] = ..., num_kv_sent: _Optional[int] = ..., num_kv_adopted: _Optional[int] = ..., num_kv_held: _Optional[int] = ...) -> None: ...
+    metrics_address: str
+    def __init__(self, role: _Optional[str] = ..., replica_id: _Optional[str] = ..., node_id: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_open_streams: _Optional[int] = ..., num_kv_sent: _Optional[int] = ..., num_kv_adopted: _Optional[int] = ..., num_kv_held: _Optional[int] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class GetWorkerStatsResponse(_message.Message):
-    __slots__ = ("workers", "num_inflight_requests")
+    __slots__ = ("workers", "num_inflight_requests", "router_metrics_address")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     NUM_INFLIGHT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStats]
     num_inflight_requests: int
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., num_inflight_requests: _Optional[int] = ...) -> None: ...
+    router_metrics_address: str
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., num_inflight_requests: _Optional[int] = ..., router_metrics_address: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,215 @@
+"""Prometheus metrics of one process (the metric contract of issue 5) and its /metrics server.
+
+Every process has its own ``CollectorRegistry`` and serves it as Prometheus text on
+``http://HOST:PORT/metrics`` (see ``config.MetricsConfig``). Labels on every metric:
+``model``, ``role`` ("router" | "unified" | "prefill" | "decode"), ``replica``; a few carry
+one more bounded label (finish_reason, code, tier, op, direction). Never a request id.
+
+Router: ``RouterMetrics`` (request-level histograms and counters, updated per request).
+Workers: ``WorkerMetrics`` (queue time and KV transfer, updated per request) plus
+``EngineCollector``, which reads the engine's gauges and the prefix store's counters at
+scrape time, so nothing here imports the engine or the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from services.telemetry.config import WORKER_METRICS_PORTS, MetricsConfig
+
+log = logging.getLogger("tandem.telemetry")
+LABELS = ("model", "role", "replica")
+
+# Buckets (seconds). Latencies of a 2-core box and of a GPU fleet both need to fit.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+               0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0,
+               240.0, 480.0, 960.0, 1920.0)
+QUEUE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0,
+                 80.0, 160.0)
+TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+FINISH_REASONS = ("stop", "length", "abort")
+PREFIX_TIERS = ("local", "redis")
+REDIS_OPS = ("exists", "get", "set", "delete")  # always exported (zero until an error)
+DIRECTIONS = ("send", "fetch")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The constant labels of one process."""
+
+    model: str  # served model id
+    role: str  # "router" | "unified" | "prefill" | "decode"
+    replica: str  # Serve replica id (or another id unique in the fleet)
+
+    @property
+    def values(self) -> tuple[str, str, str]:
+        return (self.model, self.role, self.replica)
+
+
+class RouterMetrics:
+    """Request-level metrics of one router replica."""
+
+    def __init__(self, identity: Identity, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        reg, ids = self.registry, identity.values
+        self.ttft = Histogram("tandem_time_to_first_token_seconds", "Request arrival at the router to its first "
+                              "token sent", LABELS, registry=reg, buckets=TTFT_BUCKETS).labels(*ids)
+        self.itl = Histogram("tandem_inter_token_latency_seconds", "Time between output tokens as the client sees "
+                             "them (a chunk of n tokens after t seconds counts n times t/n)", LABELS, registry=reg,
+                             buckets=ITL_BUCKETS).labels(*ids)
+        self.e2e = Histogram("tandem_e2e_request_latency_seconds", "Request arrival to its last token (finished "
+                             "requests)", LABELS, registry=reg, buckets=E2E_BUCKETS).labels(*ids)
+        self.prompt_tokens = Counter("tandem_prompt_tokens", "Prompt tokens of the requests sent to the workers",
+                                     LABELS, registry=reg).labels(*ids)
+        self.generation_tokens = Counter("tandem_generation_tokens", "Output tokens sent to clients", LABELS,
+                                         registry=reg).labels(*ids)
+        finished = Counter("tandem_requests_finished", "Requests finished, by finish reason",
+                           LABELS + ("finish_reason",), registry=reg)
+        self.finished = {r: finished.labels(*ids, r) for r in FINISH_REASONS}
+        self._failed = Counter("tandem_requests_failed", "Requests failed, by gRPC status code",
+                               LABELS + ("code",), registry=reg)
+        self._ids = ids
+        self.inflight = Gauge("tandem_requests_inflight", "Requests this router replica is serving now", LABELS,
+                              registry=reg).labels(*ids)
+
+    def failed(self, code_name: str):
+        """The failed-requests counter of one status code (gRPC names: a bounded set)."""
+        return self._failed.labels(*self._ids, code_name)
+
+
+class WorkerMetrics:
+    """Per-request metrics of one worker replica (the gauges come from ``EngineCollector``)."""
+
+    def __init__(self, identity: Identity, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        reg, ids = self.registry, identity.values
+        self.queue_time = Histogram("tandem_request_queue_time_seconds", "Arrival in the engine to first scheduled "
+                                    "(decode: to adopted, i.e. waiting for KV blocks)", LABELS, registry=reg,
+                                    buckets=QUEUE_BUCKETS).labels(*ids)
+        nbytes = Counter("tandem_kv_transfer_bytes", "KV payload bytes sent (prefill) or fetched (decode)",
+                         LABELS + ("direction",), registry=reg)
+        seconds = Histogram("tandem_kv_transfer_seconds", "Time to send (prefill) or fetch (decode) one request's "
+                            "KV", LABELS + ("direction",), registry=reg, buckets=TRANSFER_BUCKETS)
+        self.transfer_bytes = {d: nbytes.labels(*ids, d) for d in DIRECTIONS}
+        self.transfer_seconds = {d: seconds.labels(*ids, d) for d in DIRECTIONS}
+
+
+def _get(source: Any, name: str, default: float = 0) -> float:
+    value = source.get(name, default) if isinstance(source, dict) else getattr(source, name, default)
+    return float(value or 0)
+
+
+class EngineCollector:
+    """Scrape-time gauges of an engine and counters of its prefix store.
+
+    ``engine_stats()`` returns an object with ``num_running``, ``num_waiting``,
+    ``kv_blocks_total``, ``kv_blocks_free``, ``num_prompt_tokens`` and
+    ``num_cached_prompt_tokens`` (the engine's ``EngineStats``). ``store_stats()`` returns
+    the prefix store's ``stats()`` dict (``PrefixStore.stats``: ``queries_tokens`` and
+    ``hits_tokens`` by tier, ``errors`` by op, ``corrupt_blobs``, ``breaker_open``), or None
+    when the worker has no store; then the local tier comes from the engine's counters.
+    """
+
+    def __init__(self, identity: Identity, engine_stats: Callable[[], Any],
+                 store_stats: Callable[[], dict | None] = lambda: None):
+        self.identity = identity
+        self.engine_stats = engine_stats
+        self.store_stats = store_stats
+
+    def collect(self) -> Iterable:
+        ids = list(self.identity.values)
+        s = self.engine_stats()
+        try:
+            store = self.store_stats() or {}
+        except Exception:  # a scrape must not fail because the store is in a bad state
+            log.exception("prefix store stats() failed")
+            store = {}
+        for name, doc, value in (
+                ("tandem_requests_running", "Requests in the engine's running batch", _get(s, "num_running")),
+                ("tandem_requests_waiting", "Requests queued for admission in the engine", _get(s, "num_waiting")),
+                ("tandem_kv_blocks_used", "KV blocks held by requests",
+                 _get(s, "kv_blocks_total") - _get(s, "kv_blocks_free")),
+                ("tandem_kv_blocks_total", "KV blocks in the engine's pool", _get(s, "kv_blocks_total")),
+                ("tandem_redis_breaker_open", "1 while the Redis circuit breaker is open (Redis skipped)",
+                 _get(store, "breaker_open"))):
+            g = GaugeMetricFamily(name, doc, labels=LABELS)
+            g.add_metric(ids, value)
+            yield g
+        queries = dict(store.get("queries_tokens") or {"local": _get(s, "num_prompt_tokens")})
+        hits = dict(store.get("hits_tokens") or {"local": _get(s, "num_cached_prompt_tokens")})
+        for name, doc, by_tier in (
+                ("tandem_prefix_cache_queries", "Prompt tokens looked up in the prefix cache, by tier", queries),
+                ("tandem_prefix_cache_hits", "Prompt tokens served from the prefix cache, by tier", hits)):
+            c = CounterMetricFamily(name, doc, labels=LABELS + ("tier",))
+            for tier in sorted(set(PREFIX_TIERS) | set(by_tier)):
+                c.add_metric(ids + [str(tier)], float(by_tier.get(tier, 0) or 0))
+            yield c
+        corrupt = CounterMetricFamily("tandem_prefix_cache_corrupt_blobs", "Redis KV blobs that failed their "
+                                      "format check (deleted, counted as misses)", labels=LABELS)
+        corrupt.add_metric(ids, _get(store, "corrupt_blobs"))
+        yield corrupt
+        errors = CounterMetricFamily("tandem_redis_errors", "Redis calls that failed, by operation",
+                                     labels=LABELS + ("op",))
+        by_op = dict(store.get("errors") or {})
+        for op in sorted(set(REDIS_OPS) | set(by_op)):
+            errors.add_metric(ids + [str(op)], float(by_op.get(op, 0) or 0))
+        yield errors
+
+    def describe(self) -> Iterable:
+        return []  # unchecked collector: registering it does not call the engine
+
+
+@dataclass
+class MetricsServer:
+    """A running /metrics endpoint."""
+
+    address: str  # "host:port" to scrape
+    server: Any  # the WSGI server (``shutdown()`` stops it)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def advertised_host(bind_host: str) -> str:
+    """The host others should scrape: the bind address, or this machine's address for a wildcard."""
+    if bind_host in ("", "0.0.0.0", "::"):
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+    return bind_host
+
+
+def serve_metrics(registry: CollectorRegistry, config: MetricsConfig, *, ports: Iterable[int]) -> MetricsServer | None:
+    """Serve ``registry`` on the first free port of ``ports`` (None when disabled or none free)."""
+    if not config.enabled:
+        return None
+    tried = []
+    for port in ports:
+        try:
+            server, _thread = start_http_server(port, addr=config.host, registry=registry)
+        except OSError:
+            tried.append(port)
+            continue
+        address = f"{advertised_host(config.host)}:{server.server_port}"
+        log.info("metrics: serving Prometheus text on http://%s/metrics", address)
+        return MetricsServer(address, server)
+    log.warning("metrics: no free port among %s on %s; /metrics not served", tried, config.host)
+    return None
+
+
+def router_ports(config: MetricsConfig) -> list[int]:
+    """The router's port, then (when it is taken, e.g. by a second router replica) the workers' range."""
+    return [config.port] + [p for p in WORKER_METRICS_PORTS if p != config.port]

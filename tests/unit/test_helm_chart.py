@@ -1,0 +1,337 @@
+"""helm/tandem: `helm lint` and `helm template` with a real helm binary, every object checked.
+
+RayService against the KubeRay CRD's openAPIV3Schema (tests/data/ray.io_rayservices.yaml,
+closed like a strict API server: an unknown field is an error), core objects against their
+Kubernetes schemas (kubernetes-validate, strict), and the serveConfigV2 against
+deploy/pd.yaml with the same values applied. `make test` installs helm into .tools/bin.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from router.app import parse_args
+from router.launcher import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "tandem"
+CRD = ROOT / "tests" / "data" / "ray.io_rayservices.yaml"
+K8S_VERSION = "1.33.0"  # a version kubernetes-validate ships schemas for
+CORE_KINDS = {"Service", "StatefulSet", "Secret", "ConfigMap"}
+# Value combinations: the defaults, and the chart's ci/ files (also usable with `helm lint -f`).
+VALUES = {"default": None, **{p.stem: p for p in sorted((CHART / "ci").glob("*.yaml"))}}
+
+
+def helm_binary() -> str:
+    for candidate in (os.environ.get("HELM"), str(ROOT / ".tools" / "bin" / "helm"), shutil.which("helm")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.fail("no helm binary: `make test` installs one into .tools/bin (or `make helm`; or set HELM=/path)")
+
+
+def helm(*args: str) -> str:
+    result = subprocess.run([helm_binary(), *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"helm {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@lru_cache(maxsize=None)
+def render(name: str) -> tuple[dict, ...]:
+    values = VALUES[name]
+    args = ["template", "tandem", str(CHART), "--namespace", "serving"] + (["-f", str(values)] if values else [])
+    return tuple(doc for doc in yaml.safe_load_all(helm(*args)) if doc)
+
+
+def values_of(name: str) -> dict:
+    """The chart's values with a ci/ file merged on top (dicts merge, the rest replaces)."""
+    def merge(base, top):
+        if isinstance(base, dict) and isinstance(top, dict):
+            return {k: merge(base[k], v) if k in base else v for k, v in top.items()} | \
+                {k: v for k, v in base.items() if k not in top}
+        return top
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    return merge(values, yaml.safe_load(VALUES[name].read_text())) if VALUES[name] else values
+
+
+def by_kind(docs, kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def closed(schema):
+    """The schema with every object that lists properties closed to other properties, as a
+    strict API server (kubectl's default field validation) rejects unknown fields."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out \
+            and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+@lru_cache(maxsize=1)
+def rayservice_validator():
+    crd = yaml.safe_load(CRD.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    schema = closed(version["schema"]["openAPIV3Schema"])
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def ray_containers(rayservice: dict) -> dict[str, dict]:
+    """Group name ('head' or a worker group) -> its Ray container."""
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    groups = {"head": cluster["headGroupSpec"]}
+    groups.update({g["groupName"]: g for g in cluster["workerGroupSpecs"]})
+    return {name: g["template"]["spec"]["containers"][0] for name, g in groups.items()}
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def custom_resources(group: dict) -> dict[str, float]:
+    """rayStartParams.resources ('"{\\"name\\": n}"', as KubeRay passes it to ray start) parsed."""
+    raw = group["rayStartParams"].get("resources")
+    return json.loads(raw.strip('"').replace('\\"', '"')) if raw else {}
+
+
+def expected_serve_config(values: dict, namespace: str = "serving") -> dict:
+    """deploy/pd.yaml with what the chart adds on Kubernetes: the router on 0.0.0.0, Redis's
+    URL in prefix_store, each deployment pinned to its Ray group by a custom resource."""
+    redis = values["redis"]
+    url = f"redis://tandem-redis.{namespace}.svc:{redis['port']}/0" if redis["enabled"] else redis["external"]["url"]
+    groups = values["rayCluster"]["workerGroups"]
+    placement = {"Router": "tandem_router", **{g["deployment"]: f"tandem_{name}" for name, g in groups.items()}}
+    pd = yaml.safe_load((ROOT / "deploy" / "pd.yaml").read_text())
+    deployments = {d["name"]: {"ray_actor_options": {**d.get("ray_actor_options", {}),
+                                                     "resources": {placement[d["name"]]: 1}}}
+                   for d in pd["applications"][0]["deployments"]}
+    overrides = {"host": "0.0.0.0", "port": values["service"]["grpcPort"]}
+    if url:
+        overrides["prefix_store"] = {"url": url}
+    config = load_config(ROOT / "deploy" / "pd.yaml", overrides=overrides, deployments=deployments)
+    config["http_options"] = {**config.get("http_options", {}), "host": "0.0.0.0"}
+    return config
+
+
+def by_name(config: dict) -> dict:
+    """A Serve config with its applications and deployments keyed by name (order is not meaning)."""
+    config = copy.deepcopy(config)
+    apps = {}
+    for app in config.pop("applications"):
+        app["deployments"] = {d["name"]: d for d in app.get("deployments", [])}
+        apps[app["name"]] = app
+    return {**config, "applications": apps}
+
+
+def test_helm_is_real():
+    assert helm("version", "--short").startswith("v")
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_lint(name):
+    values = VALUES[name]
+    out = helm("lint", "--strict", str(CHART), *(["-f", str(values)] if values else []))
+    assert "0 chart(s) failed" in out
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_rendered_rayservice_satisfies_the_crd_schema(name):
+    (rayservice,) = by_kind(render(name), "RayService")
+    errors = sorted(rayservice_validator().iter_errors(rayservice), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors[:10])
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    assert rayservice["apiVersion"] == "ray.io/v1" and cluster["enableInTreeAutoscaling"] is True
+    assert {g["groupName"] for g in cluster["workerGroupSpecs"]} == {"prefill", "decode"}
+
+
+def test_crd_schema_rejects_a_typo():
+    rayservice = copy.deepcopy(by_kind(render("default"), "RayService")[0])
+    rayservice["spec"]["rayClusterConfig"]["enableInTreeAutoscalling"] = True
+    rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] = "four"
+    messages = [e.message for e in rayservice_validator().iter_errors(rayservice)]
+    assert any("enableInTreeAutoscalling" in m for m in messages) and any("'four'" in m for m in messages)
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_core_objects_satisfy_kubernetes_schemas(name):
+    docs = render(name)
+    core = [d for d in docs if d["kind"] in CORE_KINDS]
+    assert core
+    for doc in core:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    kinds = {d["kind"] for d in docs}
+    assert kinds <= CORE_KINDS | {"RayService", "ServiceMonitor", "PodMonitor"}, kinds
+
+
+def test_kubernetes_schemas_reject_a_bad_service():
+    service = copy.deepcopy(by_kind(render("default"), "Service")[0])
+    service["spec"]["ports"][0]["port"] = "fifty"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(service, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_serve_config_is_pd_yaml_with_the_same_values(name):
+    values = values_of(name)
+    (rayservice,) = by_kind(render(name), "RayService")
+    rendered = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    assert by_name(rendered) == by_name(expected_serve_config(values))
+
+
+def test_serve_config_follows_values():
+    """Another value combination, applied to pd.yaml the same way, still matches."""
+    out = helm("template", "tandem", str(CHART), "--namespace", "serving",
+               "--set", "serve.deployments.DecodeWorker.autoscaling_config.max_replicas=7",
+               "--set", "serve.args.decode_engine.max_num_seqs=256", "--set", "service.grpcPort=50100",
+               "--set", "redis.enabled=false")
+    (rayservice,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "RayService"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    values["service"]["grpcPort"] = 50100
+    values["redis"]["enabled"] = False
+    expected = by_name(expected_serve_config(values))
+    app = expected["applications"]["tandem"]
+    app["deployments"]["DecodeWorker"]["autoscaling_config"]["max_replicas"] = 7
+    app["args"]["decode_engine"]["max_num_seqs"] = 256
+    assert by_name(yaml.safe_load(rayservice["spec"]["serveConfigV2"])) == expected
+
+
+def test_rendered_app_args_are_accepted_by_the_builder():
+    (rayservice,) = by_kind(render("no-redis-values"), "RayService")
+    args = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"]
+    config = parse_args(args)
+    assert config.mode == "pd" and config.router.host == "0.0.0.0" and config.router.port == 50051
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_every_deployment_runs_on_its_group(name):
+    values = values_of(name)
+    (rayservice,) = by_kind(render(name), "RayService")
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    advertised = {"head": custom_resources(cluster["headGroupSpec"])}
+    advertised.update({g["groupName"]: custom_resources(g) for g in cluster["workerGroupSpecs"]})
+    serve = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    for deployment in serve["applications"][0]["deployments"]:
+        wanted = deployment["ray_actor_options"]["resources"]
+        hosts = [group for group, offered in advertised.items() if set(wanted) <= set(offered)]
+        assert len(hosts) == 1, f"{deployment['name']} fits {hosts}"
+        expected = "head" if deployment["name"] == "Router" else \
+            next(g for g, spec in values["rayCluster"]["workerGroups"].items()
+                 if spec["deployment"] == deployment["name"])
+        assert hosts == [expected]
+    for group in cluster["workerGroupSpecs"]:
+        per_pod = values["rayCluster"]["workerGroups"][group["groupName"]]["replicasPerPod"]
+        assert custom_resources(group) == {f"tandem_{group['groupName']}": per_pod}
+        ports = [p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]]
+        assert ports == list(range(9465, 9465 + per_pod))  # one /metrics port per replica
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_pods_get_metrics_tracing_and_redis_settings(name):
+    values = values_of(name)
+    docs = render(name)
+    (rayservice,) = by_kind(docs, "RayService")
+    secrets = {s["metadata"]["name"]: s for s in by_kind(docs, "Secret")}
+    otel = values["otel"]
+    for group, container in ray_containers(rayservice).items():
+        env = env_of(container)
+        assert env["TANDEM_METRICS_HOST"]["value"] == "0.0.0.0", group
+        if otel["endpoint"]:
+            assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == otel["endpoint"]
+            assert float(env["OTEL_TRACES_SAMPLER_ARG"]["value"]) == otel["samplingRatio"]
+            assert env["OTEL_TRACES_SAMPLER"]["value"] == otel["sampler"]
+        else:
+            assert not any(k.startswith("OTEL_EXPORTER") for k in env), group
+        auth = values["redis"]["auth"]
+        if values["redis"]["enabled"] or auth["existingSecret"]:
+            ref = env["TANDEM_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+            assert ref["key"] == auth["existingSecretPasswordKey"]
+            assert ref["name"] == (auth["existingSecret"] or "tandem-redis")
+            assert (ref["name"] in secrets) == (not auth["existingSecret"])  # generated, or yours
+        else:
+            assert "TANDEM_REDIS_PASSWORD" not in env
+        for variable in env.values():  # no literal secret in any pod spec
+            assert "password" not in variable.get("value", "").lower(), variable
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_redis_statefulset(name):
+    values = values_of(name)
+    docs = render(name)
+    sets = by_kind(docs, "StatefulSet")
+    if not values["redis"]["enabled"]:
+        assert not sets and not by_kind(docs, "Secret")
+        return
+    (redis,) = sets
+    container = redis["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "redis:7"
+    command = " ".join(container["command"] + container["args"])
+    assert f"--maxmemory {values['redis']['maxmemory']}" in command
+    assert "--maxmemory-policy allkeys-lru" in command
+    assert "REDIS_PASSWORD" in command and "requirepass" in command
+    ref = env_of(container)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == (values["redis"]["auth"]["existingSecret"] or "tandem-redis")
+
+
+def test_generated_redis_password_is_random_and_kept_out_of_templates():
+    def password(text: str) -> str:
+        (secret,) = [d for d in yaml.safe_load_all(text) if d and d["kind"] == "Secret"]
+        return base64.b64decode(secret["data"]["redis-password"]).decode()
+
+    first, second = (password(helm("template", "tandem", str(CHART))) for _ in range(2))
+    assert len(first) == 32 and first != second
+    for template in (CHART / "templates").iterdir():
+        assert first not in template.read_text()
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_service_exposes_grpc_and_metrics_of_the_head(name):
+    (rayservice,) = by_kind(render(name), "RayService")
+    (service,) = [s for s in by_kind(render(name), "Service") if s["metadata"]["name"] == "tandem"]
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert ports["grpc"]["port"] == 50051 and ports["metrics"]["port"] == 9464
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    assert service["spec"]["selector"].items() <= head["metadata"]["labels"].items()
+    head_ports = {p["name"]: p["containerPort"] for p in head["spec"]["containers"][0]["ports"]}
+    assert head_ports["grpc"] == 50051 and head_ports["metrics"] == 9464
+
+
+def test_monitors_are_off_by_default_and_point_at_real_ports():
+    assert not [d for d in render("default") if d["kind"] in {"ServiceMonitor", "PodMonitor"}]
+    docs = render("monitoring-values")
+    (rayservice,) = by_kind(docs, "RayService")
+    (service_monitor,) = by_kind(docs, "ServiceMonitor")
+    (pod_monitor,) = by_kind(docs, "PodMonitor")
+    for monitor in (service_monitor, pod_monitor):
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["metadata"]["labels"]["release"]
+    (service,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"] == "tandem"]
+    assert service_monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert service_monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    pod_ports = {p["name"] for c in ray_containers(rayservice).values() for p in c["ports"]}
+    endpoint_ports = {e["port"] for e in pod_monitor["spec"]["podMetricsEndpoints"]}
+    assert {"metrics", "metrics-w0", "metrics-w1"} <= endpoint_ports <= pod_ports
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_dashboard_configmap_carries_deploy_grafana(name):
+    (configmap,) = by_kind(render(name), "ConfigMap")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    sources = {p.name: p.read_text() for p in (ROOT / "deploy" / "grafana").glob("*.json")}
+    assert configmap["data"] == sources, "the chart's dashboards/ differ from deploy/grafana: run `make dashboards`"
+    for text in configmap["data"].values():
+        json.loads(text)
