@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from services.prefix_store.config import PrefixStoreConfig
+
 ROLES = ("unified", "prefill", "decode")
 
 
@@ -54,6 +56,7 @@ class WorkerConfig:
     adopt_timeout_s: float = 30.0  # decode: how long to wait for KV blocks before RESOURCE_EXHAUSTED
     kv_hold_s: float = 60.0  # prefill: release a sent KV payload nobody adopted after this long
     torch_threads: int | None = None  # intra-op threads; None = every core of the node (Ray would set 1)
+    prefix_store: PrefixStoreConfig | None = None  # Redis tier of the prefix cache; None = local tier only
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

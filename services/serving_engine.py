@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from services.engine.async_engine import AsyncEngine, _Stream
-from services.engine.model.attention import read_blocks, write_blocks
+from services.engine.model.attention import write_blocks
 from services.engine.outputs import TokenChunk
 from services.engine.request import Request, RequestStatus
 from services.engine.sampling_params import SamplingParams
@@ -45,6 +45,7 @@ class PrefillOutput:
     chunk: TokenChunk  # the first token; finish_reason is the *request's* (None if it goes on)
     kv: KVPayload | None  # prompt KV; None when the request finished with the first token
     generator_state: bytes | None  # seeded RNG state after sampling the first token
+    new_blocks: torch.Tensor | None = None  # [L, 2, n, bs, H, D] full prompt blocks from expect_export's block on
 
 
 @dataclass
@@ -52,6 +53,9 @@ class _Capture:
     num_prompt_tokens: int
     kv: torch.Tensor | None = None
     generator_state: bytes | None = None
+    want_kv: bool = False  # prefill: read every prompt block (the P/D hand-off)
+    export_from: int | None = None  # read the full prompt blocks from this one on (write-back)
+    new_blocks: torch.Tensor | None = None  # [L, 2, n, bs, H, D] what export_from asked for
 
 
 class ServingEngine(AsyncEngine):
@@ -73,7 +77,7 @@ class ServingEngine(AsyncEngine):
                       priority: int = 0) -> PrefillOutput:
         """Compute the prompt and sample the first token; raises ValueError/EngineOverloadedError."""
         with self._capture_lock:
-            self._captures[request_id] = _Capture(len(prompt_ids))
+            self._captures.setdefault(request_id, _Capture(len(prompt_ids))).want_kv = True
         try:
             stream = self.add_request(prompt_ids, dataclasses.replace(params, max_tokens=1),
                                       request_id=request_id, priority=priority)
@@ -90,8 +94,9 @@ class ServingEngine(AsyncEngine):
             chunk.text = self._first_text(Request(request_id, prompt_ids, params), chunk.token_ids[0])
             if cap is None or cap.kv is None:
                 raise RuntimeError(f"prefill of {request_id!r} finished without capturing its KV")
-            return PrefillOutput(chunk, KVPayload(request_id, cap.kv, cap.num_prompt_tokens), cap.generator_state)
-        return PrefillOutput(chunk, None, None)
+            return PrefillOutput(chunk, KVPayload(request_id, cap.kv, cap.num_prompt_tokens), cap.generator_state,
+                                 cap.new_blocks)
+        return PrefillOutput(chunk, None, None, cap.new_blocks if cap is not None else None)
 
     def _really_finished(self, chunk: TokenChunk, params: SamplingParams) -> bool:
         """A max_tokens=1 run ends with "length"; the request itself ends only on a stop or its limits."""
@@ -109,14 +114,54 @@ class ServingEngine(AsyncEngine):
 
     def _finish_and_capture(self, req: Request, reason: str) -> None:
         cap = self._captures.get(req.request_id) if reason != "abort" else None
-        if cap is not None and not req.is_finished and req.num_computed_tokens == cap.num_prompt_tokens:
+        if cap is not None and not req.is_finished:
             table = self.engine.kv.block_tables.get(req.request_id, [])
-            nblk = self.engine.kv.blocks_needed(cap.num_prompt_tokens)
-            idx = torch.tensor(table[:nblk], dtype=torch.long, device=self.engine.device)
-            cap.kv = torch.stack([read_blocks(c, idx) for c in self.engine.runner.kv_caches])  # [L, 2, nb, bs, H, D]
-            if req.generator is not None:
-                cap.generator_state = req.generator.get_state().numpy().tobytes()
+            if cap.want_kv and req.num_computed_tokens == cap.num_prompt_tokens:
+                cap.kv = self.engine.read_kv_blocks(table[:self.engine.kv.blocks_needed(cap.num_prompt_tokens)])
+                if req.generator is not None:
+                    cap.generator_state = req.generator.get_state().numpy().tobytes()
+            self._capture_new_blocks(req, cap, table)
         self._finish(req, reason)
+
+    def _capture_new_blocks(self, req: Request, cap: _Capture, table: list[int]) -> None:
+        """Full prompt blocks ``[export_from, P // bs)`` (all computed by now), for write-back."""
+        bs = self.engine.kv.block_size
+        full = min(cap.num_prompt_tokens, req.num_computed_tokens) // bs
+        if cap.export_from is None or full <= cap.export_from:
+            return
+        if cap.kv is not None:  # already read for the P/D hand-off: a view, no second copy
+            cap.new_blocks = cap.kv[:, :, cap.export_from:full]
+        else:
+            cap.new_blocks = self.engine.read_kv_blocks(table[cap.export_from:full])
+
+    # ---- external prefix tier (services/prefix_store) ------------------------------------
+    def pin_prefix(self, request_id: str, hashes: list[bytes]) -> int:
+        """``LLMEngine.pin_cached_prefix`` under the step lock."""
+        with self._lock:
+            return self.engine.pin_cached_prefix(request_id, hashes)
+
+    def import_prefix(self, request_id: str, hashes: list[bytes], kv: torch.Tensor, num_prompt_tokens: int) -> int:
+        """``LLMEngine.import_prefix_blocks`` under the step lock."""
+        with self._lock:
+            return self.engine.import_prefix_blocks(request_id, hashes, kv, num_prompt_tokens)
+
+    def release_prefix(self, request_id: str) -> None:
+        """Drop the pins of a request that was not (or is no longer) queued."""
+        with self._lock:
+            if request_id not in self.engine.scheduler.requests:
+                self.engine.release_prefix_pins(request_id)
+
+    def expect_export(self, request_id: str, num_prompt_tokens: int, from_block: int) -> None:
+        """When the request ends (not aborted), copy its full prompt blocks ``[from_block, P // bs)``
+        out before they are freed; collect them with ``pop_export`` (or ``PrefillOutput.new_blocks``)."""
+        with self._capture_lock:
+            self._captures.setdefault(request_id, _Capture(num_prompt_tokens)).export_from = from_block
+
+    def pop_export(self, request_id: str) -> torch.Tensor | None:
+        """The blocks ``expect_export`` asked for (``[L, 2, n, bs, H, D]``), or None; forgets the request."""
+        with self._capture_lock:
+            cap = self._captures.pop(request_id, None)
+        return cap.new_blocks if cap is not None else None
 
     # ---- decode side ---------------------------------------------------------------------
     async def adopt(self, request_id: str, prompt_ids: list[int], params: SamplingParams, first_token: int,

@@ -71,9 +71,10 @@ class StreamChunk:
     logprobs: list[dict[int, float]] | None = None  # per new token {token_id: logprob}, when asked
     finish_reason: str | None = None  # None until the last chunk; then "stop" | "length" | "abort"
     num_prompt_tokens: int = 0  # prompt length
-    num_cached_tokens: int = 0  # prompt tokens served from a prefix cache
+    num_cached_tokens: int = 0  # prompt tokens served from a prefix cache (local + Redis tier)
     num_output_tokens: int = 0  # output tokens so far, this chunk included
     traceparent: str = ""  # W3C trace context of the worker's span
+    num_redis_cached_tokens: int = 0  # of num_cached_tokens, loaded from the Redis tier (the rest: local)
     queue_time_s: float | None = None  # engine arrival -> first scheduled, on a worker's own chunks (telemetry)
 
 

@@ -30,6 +30,7 @@ from services.config import WorkerConfig
 from services.engine.outputs import TokenChunk
 from services.engine.scheduler import EngineOverloadedError
 from services.routing_report import routing_stats
+from services.prefix_store.tier import PrefixCacheTier
 from services.serving_engine import ServingEngine
 from services.stream_channel import ChannelHub
 from services.telemetry import WorkerTelemetry, traced_stream
@@ -41,7 +42,8 @@ log = logging.getLogger("tandem.worker")
 
 def to_stream_chunk(c: TokenChunk, traceparent: str = "") -> StreamChunk:
     return StreamChunk(c.token_ids, c.text, c.logprobs, c.finish_reason, c.num_prompt_tokens,
-                       c.num_cached_tokens, c.num_output_tokens, traceparent, queue_time_s=c.queue_time_s)
+                       c.num_cached_tokens, c.num_output_tokens, traceparent, queue_time_s=c.queue_time_s,
+                       num_redis_cached_tokens=c.num_imported_cached_tokens)
 
 
 @asynccontextmanager
@@ -63,6 +65,9 @@ class EngineWorker:
         torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
         self.engine = ServingEngine.from_model(config.model, **config.engine.as_kwargs())
         self.transfer = kv_transfer.create(config.kv_transfer) if config.role != "unified" else None
+        # the prefix cache's tiers: this engine's blocks, then Redis (services/prefix_store/tier.py)
+        self.prefix_store = PrefixCacheTier.for_engine(self.engine, config.prefix_store if config.role != "decode"
+                                                       else None)
         # spans from OTEL_*, /metrics (engine gauges and prefix store counters read at scrape time)
         self.telemetry = WorkerTelemetry.for_replica(config.role, config.model_id, _replica_id(), self.engine.stats,
                                                      lambda: _store_stats(self))
@@ -83,7 +88,7 @@ class EngineWorker:
         """Unified role: the whole request in this engine."""
         self._open += 1
         try:
-            async with _until(call.deadline):
+            async with _until(call.deadline), self.prefix_store.serving(call.request_id, call.prompt_token_ids):
                 stream = self.engine.add_request(call.prompt_token_ids, call.params,
                                                  request_id=call.request_id, priority=call.priority)
                 async for chunk in stream:
@@ -100,9 +105,10 @@ class EngineWorker:
         """
         self._open += 1
         try:
-            async with _until(call.deadline):
+            async with _until(call.deadline), self.prefix_store.serving(call.request_id, call.prompt_token_ids) as job:
                 out = await self.engine.prefill(call.prompt_token_ids, call.params, call.request_id,
                                                 call.priority)
+                job.new_blocks = out.new_blocks  # written back when the block ends (never awaited)
         except (ValueError, EngineOverloadedError, asyncio.CancelledError, TimeoutError):
             raise
         except Exception as exc:

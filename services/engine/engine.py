@@ -15,8 +15,9 @@ import torch
 
 from services.engine.checkpoint import checkpoint_fingerprint
 from services.engine.config import EngineConfig
-from services.engine.kv_cache import KVCacheManager, hash_seed
+from services.engine.kv_cache import KVCacheManager, block_hash_chain, hash_seed
 from services.engine.malloc import keep_large_buffers_in_heap
+from services.engine.model.attention import read_blocks, write_blocks
 from services.engine.model.packing import use_onednn_linears
 from services.engine.model.registry import load_model
 from services.engine.outputs import TokenChunk
@@ -140,6 +141,56 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    # ---- external prefix tier (e.g. the Redis prefix store) ------------------------------
+    def prompt_block_hashes(self, token_ids: list[int]) -> list[bytes]:
+        """Hash chain of the prompt's full blocks (``len(token_ids) // block_size`` hashes)."""
+        return block_hash_chain(self.kv.seed, token_ids, self.kv.block_size)
+
+    def max_prefix_blocks(self, num_prompt_tokens: int) -> int:
+        """Blocks a prefix match may cover: one token is always left to compute."""
+        return (num_prompt_tokens - 1) // self.kv.block_size if self.kv.enable_prefix_caching else 0
+
+    def pin_cached_prefix(self, request_id: str, hashes: list[bytes]) -> int:
+        """Pin the leading locally cached blocks of ``hashes`` for a request about to be added;
+        returns their number. The pins go when the request is admitted, freed, or
+        ``release_prefix_pins`` is called."""
+        return self.kv.pin_cached_prefix(request_id, hashes) if self.kv.enable_prefix_caching else 0
+
+    def import_prefix_blocks(self, request_id: str, hashes: list[bytes], kv: torch.Tensor,
+                             num_prompt_tokens: int) -> int:
+        """Put KV loaded from elsewhere into the pool as cached blocks, pinned for ``request_id``.
+
+        ``hashes`` continue the request's locally pinned prefix; ``kv`` is
+        ``[num_layers, 2, n, block_size, num_kv_heads, head_dim]`` (K then V), block i under
+        ``hashes[i]``. Imports nothing (returns 0) when the free blocks could not also hold the
+        rest of the prompt. The normal prefix match then finds the blocks at admission.
+        """
+        n = min(len(hashes), kv.shape[2])
+        need = self.kv.blocks_needed(num_prompt_tokens) - self.kv.num_pinned(request_id)
+        if n == 0 or not self.kv.enable_prefix_caching or need > self.kv.num_free_blocks:
+            return 0
+        blocks = self.kv.import_blocks(request_id, hashes[:n])
+        idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        src = kv[:, :, :n].to(self.device)
+        for layer, cache in enumerate(self.runner.kv_caches):
+            write_blocks(cache, idx, src[layer])
+        return n
+
+    def release_prefix_pins(self, request_id: str) -> None:
+        """Drop the pins of a request that will not be added after all."""
+        self.kv.unpin(request_id)
+
+    def read_kv_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """Copy of blocks ``[num_layers, 2, n, block_size, num_kv_heads, head_dim]`` (transfer layout)."""
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return torch.stack([read_blocks(c, idx) for c in self.runner.kv_caches])
+
+    def kv_block_shape(self) -> tuple[str, tuple[int, ...]]:
+        """(dtype name, shape of one block ``[num_layers, 2, block_size, num_kv_heads, head_dim]``)."""
+        mc = self.model_config
+        shape = (mc.num_layers, 2, self.kv.block_size, mc.num_kv_heads, mc.head_dim)
+        return str(self.runner.kv_caches[0].dtype).removeprefix("torch."), shape
+
     # ---- one step ------------------------------------------------------------------------
     def step(self) -> list[TokenChunk]:
         """Schedule and run one batch; return the output of every request that made progress."""
@@ -203,7 +254,7 @@ class LLMEngine:
         req.sent_text_len = upto
         return TokenChunk(req.request_id, tokens, text, logprobs, req.finish_reason, req.stop_reason,
                           req.num_prompt_tokens, max(req.num_cached_tokens, 0), len(req.output_token_ids),
-                          req.queue_time)
+                          req.queue_time, req.num_imported_cached_tokens)
 
     def snapshot_stats(self) -> EngineStats:
         s = self.stats

@@ -8,6 +8,10 @@ Glossary
   from the model fingerprint, KV dtype and block size (so two models never share KV).
 - free queue: blocks with reference count 0 in LRU order; a free block that still holds
   a hash stays reusable until it is handed out again (then its hash is forgotten).
+- pin: a reference held for a request that is not admitted yet, on cached blocks it will
+  find by prefix match (local hits, and blocks imported from an external tier such as the
+  Redis prefix store), so that LRU reuse cannot evict them before admission. Pins are
+  dropped when the request is admitted (it then holds its own references) or freed.
 
 This module only does bookkeeping on block ids; the tensors live in the runner.
 """
@@ -117,6 +121,8 @@ class KVCacheManager:
         self.block_tables: dict[str, list[int]] = {}
         self._hashes: dict[str, list[bytes]] = {}
         self._num_hashed: dict[str, int] = {}
+        self._pins: dict[str, list[int]] = {}  # request id -> pinned blocks
+        self._imported: dict[str, int] = {}  # request id -> blocks imported for it (pinned)
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -155,6 +161,47 @@ class KVCacheManager:
                 break
             hits.append(b)
         return hits
+
+    def num_cached_blocks(self, hashes: Sequence[bytes]) -> int:
+        """How many of ``hashes`` (a chain, in order) are cached here, counted from the first."""
+        n = 0
+        while self.enable_prefix_caching and n < len(hashes) and self.pool.lookup(hashes[n]) is not None:
+            n += 1
+        return n
+
+    def num_pinned(self, request_id: str) -> int:
+        """Blocks pinned for a request that is not admitted yet."""
+        return len(self._pins.get(request_id, ()))
+
+    def num_imported_tokens(self, request_id: str) -> int:
+        """Tokens of the blocks imported for a request that is not admitted yet."""
+        return self._imported.get(request_id, 0) * self.block_size
+
+    # ---- pins and imports (external prefix tier) -----------------------------------------
+    def pin_cached_prefix(self, request_id: str, hashes: Sequence[bytes]) -> int:
+        """Pin the leading cached blocks of ``hashes`` for ``request_id``; returns how many."""
+        blocks = [self.pool.lookup(h) for h in hashes[:self.num_cached_blocks(hashes)]]
+        self.pool.touch(blocks)
+        self._pins.setdefault(request_id, []).extend(blocks)
+        return len(blocks)
+
+    def import_blocks(self, request_id: str, hashes: Sequence[bytes]) -> list[int]:
+        """Allocate one block per hash, publish it as cached under that hash and pin it.
+
+        The caller must write the blocks' KV before the next step (the engine holds its step
+        lock). Requires ``len(hashes) <= num_free_blocks``.
+        """
+        blocks = self.pool.allocate(len(hashes))
+        for b, h in zip(blocks, hashes):
+            self.pool.set_hash(b, h)
+        self._pins.setdefault(request_id, []).extend(blocks)
+        self._imported[request_id] = self._imported.get(request_id, 0) + len(blocks)
+        return blocks
+
+    def unpin(self, request_id: str) -> None:
+        """Drop the pins held for ``request_id`` (at admission, or when it ends unadmitted)."""
+        self.pool.release(reversed(self._pins.pop(request_id, [])))
+        self._imported.pop(request_id, None)
 
     # ---- state changes -------------------------------------------------------------------
     def allocate(self, req: Request, num_new_tokens: int, cached_blocks: Sequence[int] = ()) -> bool:
@@ -216,3 +263,4 @@ class KVCacheManager:
         self.pool.release(reversed(table))
         self._hashes.pop(req.request_id, None)
         self._num_hashed.pop(req.request_id, None)
+        self.unpin(req.request_id)

@@ -31,9 +31,10 @@ class TokenChunk:
     finish_reason: str | None = None  # set on the last chunk only
     stop_reason: int | str | None = None  # the stop token id or string, on the last chunk
     num_prompt_tokens: int = 0  # prompt length
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (every tier)
     num_output_tokens: int = 0  # output tokens so far, this chunk included
     queue_time_s: float | None = None  # arrival in the engine -> first scheduled (None until scheduled)
+    num_imported_cached_tokens: int = 0  # of num_cached_tokens, imported from an external tier (Redis)
 
     @property
     def finished(self) -> bool:
@@ -47,4 +48,5 @@ class TokenChunk:
         return TokenChunk(self.request_id, self.token_ids + later.token_ids, self.text + later.text, lp,
                           later.finish_reason, later.stop_reason, later.num_prompt_tokens,
                           later.num_cached_tokens, later.num_output_tokens,
-                          self.queue_time_s if self.queue_time_s is not None else later.queue_time_s)
+                          self.queue_time_s if self.queue_time_s is not None else later.queue_time_s,
+                          later.num_imported_cached_tokens)

@@ -36,6 +36,7 @@ class Request:
     logprobs: list[dict[int, float]] | None = None
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prompt tokens found in the prefix cache at first admission (-1 = not yet)
+    num_imported_cached_tokens: int = 0  # of num_cached_tokens, blocks imported from an external tier (Redis)
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"

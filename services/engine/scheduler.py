@@ -161,6 +161,8 @@ class Scheduler:
             req.num_computed_tokens = num_cached
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_cached
+                req.num_imported_cached_tokens = min(self.kv.num_imported_tokens(req.request_id), num_cached)
+            self.kv.unpin(req.request_id)  # it holds its own references now
             if req.scheduled_time is None:
                 req.scheduled_time = time.monotonic()
             req.status = RequestStatus.RUNNING
