@@ -335,3 +335,29 @@ def test_dashboard_configmap_carries_deploy_grafana(name):
     assert configmap["data"] == sources, "the chart's dashboards/ differ from deploy/grafana: run `make dashboards`"
     for text in configmap["data"].values():
         json.loads(text)
+
+
+def helm_fails(*args: str) -> str:
+    result = subprocess.run([helm_binary(), *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0, f"helm {' '.join(args)} should have failed"
+    return result.stderr
+
+
+@pytest.mark.parametrize("setting,complaint", [
+    ("redis.external.url=redis://user:secret@redis:6379", "/redis/external/url"),  # no password in a URL
+    ("otel.samplingRatio=1.5", "/otel/samplingRatio"),
+    ("rayCluster.workerGroups.prefill.replicasPerPods=2", "replicasPerPods"),  # a typo is an error
+    ("redis.maxmemoryPolicy=noeviction", "/redis/maxmemoryPolicy"),  # a cache must evict
+])
+def test_values_schema_rejects_bad_values(setting, complaint):
+    assert complaint in helm_fails("template", "tandem", str(CHART), "--set", setting)
+
+
+@pytest.mark.parametrize("name", ["default", "no-redis-values"])
+def test_install_notes_render(name):
+    values = VALUES[name]
+    out = helm("install", "tandem", str(CHART), "--dry-run=client", "--namespace", "serving",
+               *(["-f", str(values)] if values else []))
+    notes = out.split("NOTES:", 1)[1]
+    assert "kubectl -n serving port-forward svc/tandem 50051:50051" in notes
+    assert ("StatefulSet tandem-redis" in notes) == (name == "default")
