@@ -13,6 +13,9 @@
     prefill_engine: {...}       # overrides for PrefillWorker (pd mode)
     decode_engine: {...}        # overrides for DecodeWorker (pd mode)
     router: {max_inflight_requests: N, max_prompt_bytes: N}
+    prefix_store: {url: redis://127.0.0.1:6379, ttl_s: 3600, timeout_s: 0.5, ...}
+                                # Redis tier of the prefix cache (services/prefix_store/config.py);
+                                # absent or null = local tier only
 
 Replica counts, autoscaling and resources are per deployment in the YAML's ``deployments``
 section (names: Router, UnifiedWorker, PrefillWorker, DecodeWorker).
@@ -23,8 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from router.replica_router import request_router_config
 from router.server import Router, RouterConfig
 from services.config import EngineOptions, WorkerConfig
+from services.prefix_store.config import PrefixStoreConfig
 from services.workers import DecodeWorker, PrefillWorker, UnifiedWorker
 
 MODES = ("unified", "pd")
@@ -49,7 +54,7 @@ def default_model() -> str:
 def parse_args(args: dict | None) -> AppConfig:
     args = dict(args or {})
     known = {"mode", "model", "model_id", "host", "port", "kv_transfer", "engine", "prefill_engine",
-             "decode_engine", "router", "torch_threads"}
+             "decode_engine", "router", "torch_threads", "prefix_store"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"args: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -69,12 +74,15 @@ def parse_args(args: dict | None) -> AppConfig:
     engine = EngineOptions.from_dict(args.get("engine"), "args.engine")
     transfer = args.get("kv_transfer", "ray")
     threads = args.get("torch_threads")
+    store = PrefixStoreConfig.from_dict(args["prefix_store"], "args.prefix_store") if args.get("prefix_store") else None
     if mode == "unified":
-        workers = {"unified": WorkerConfig("unified", model, model_id, engine, torch_threads=threads)}
+        workers = {"unified": WorkerConfig("unified", model, model_id, engine, torch_threads=threads,
+                                           prefix_store=store)}
     else:
         workers = {role: WorkerConfig(role, model, model_id,
                                       engine.merged(args.get(f"{role}_engine"), f"args.{role}_engine"),
-                                      kv_transfer=transfer, torch_threads=threads)
+                                      kv_transfer=transfer, torch_threads=threads,
+                                      prefix_store=store if role == "prefill" else None)
                    for role in ("prefill", "decode")}
         if workers["prefill"].engine.block_size != workers["decode"].engine.block_size:
             raise ValueError("args: prefill_engine.block_size and decode_engine.block_size must be equal")
@@ -84,10 +92,13 @@ def parse_args(args: dict | None) -> AppConfig:
 def build_app(args: dict | None = None):
     """Serve application builder (``serve run deploy/local.yaml`` calls it with the YAML's args)."""
     config = parse_args(args)
+    routed = request_router_config()  # the router picks each request's replica (router/replica_router.py)
     if config.mode == "unified":
-        return Router.bind(config.router, unified=UnifiedWorker.bind(config.workers["unified"]))
-    return Router.bind(config.router, prefill=PrefillWorker.bind(config.workers["prefill"]),
-                       decode=DecodeWorker.bind(config.workers["decode"]))
+        return Router.bind(config.router,
+                           unified=UnifiedWorker.options(request_router_config=routed).bind(config.workers["unified"]))
+    return Router.bind(config.router,
+                       prefill=PrefillWorker.options(request_router_config=routed).bind(config.workers["prefill"]),
+                       decode=DecodeWorker.options(request_router_config=routed).bind(config.workers["decode"]))
 
 
 __all__ = ["AppConfig", "build_app", "parse_args"]

@@ -72,6 +72,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"tandem serve: no model checkpoint in {model} (pass --model PATH)", file=sys.stderr)
         return 2
     config = launcher.load_config(config_file, model=model, port=args.port)
+    from services.prefix_store.server import redis_for_serve
+
+    configured = (config["applications"][0].get("args", {}).get("prefix_store") or {}).get("url")
+    redis, store_args, note = redis_for_serve(args.redis_url or configured, args.no_redis, args.redis_maxmemory)
+    config = launcher.patch_config(config, overrides={"prefix_store": store_args})
+    print(f"tandem serve: {note}", flush=True)
     stop = threading.Event()
 
     def on_signal(*_):  # installed explicitly: a background job starts with SIGINT ignored
@@ -96,6 +102,8 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         print("tandem serve: shutting down", flush=True)
         launcher.shutdown()
+        if redis is not None:
+            redis.stop()
     return 0
 
 
@@ -165,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=None, help="gRPC port (default: the config's, 50051)")
     sv.add_argument("--num-cpus", type=int, default=16, help="logical CPUs of the local Ray head")
     sv.add_argument("--timeout", type=float, default=600, help="seconds to wait for the app to be ready")
+    sv.add_argument("--redis-url", help="Redis of the prefix cache: redis://[user@]host:port or rediss:// (TLS); "
+                    "password from $TANDEM_REDIS_PASSWORD (default: start a local redis-server)")
+    sv.add_argument("--no-redis", action="store_true", help="prefix cache in each worker's memory only")
+    sv.add_argument("--redis-maxmemory", default="512mb", help="maxmemory of the local redis-server (allkeys-lru)")
 
     g = sub.add_parser("generate", help="stream a completion from a running server")
     g.add_argument("prompt")

