@@ -211,11 +211,17 @@ def test_serve_config_follows_values():
     assert by_name(yaml.safe_load(rayservice["spec"]["serveConfigV2"])) == expected
 
 
-def test_rendered_app_args_are_accepted_by_the_builder():
-    (rayservice,) = by_kind(render("no-redis-values"), "RayService")
+@pytest.mark.parametrize("name", VALUES)
+def test_rendered_app_args_are_accepted_by_the_builder(name):
+    (rayservice,) = by_kind(render(name), "RayService")
     args = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"]
     config = parse_args(args)
     assert config.mode == "pd" and config.router.host == "0.0.0.0" and config.router.port == 50051
+    store = config.workers["prefill"].prefix_store
+    values = values_of(name)["redis"]
+    assert (store is not None) == bool(values["enabled"] or values["external"]["url"])
+    if store is not None:  # the password reaches the worker through the environment only
+        assert store.password_env == "TANDEM_REDIS_PASSWORD"  # the env var the chart sets from the Secret
 
 
 @pytest.mark.parametrize("name", VALUES)
