@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from router.errors import unwrap
 from router.prefix_routing import BalanceConfig, ReplicaView, choose_replica, unpack_keys
-from router.replica_router import ReplicaDirectory, ReplicaInfo
+from router.replica_directory import ReplicaDirectory, ReplicaInfo
 from services.stream_channel import merge_chunks
 from services.types import Route, StreamChunk, WrongReplicaError
 

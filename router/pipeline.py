@@ -11,15 +11,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from router.channels import WorkerDispatch, is_wrong_replica
+from router.prefix_routing import prompt_keys
 from services.types import DecodeCall, GenerateCall, ModelInfo, StreamChunk, WorkerStats
 
 
 class Control:
-    """Cancellation of one request's in-flight handle call."""
+    """Cancellation of one request's in-flight handle call; its replica hint and where it ran."""
 
-    def __init__(self):
+    def __init__(self, replica_hint: str = ""):
         self.aborted = False
         self._calls: list = []
+        self.replica_hint = replica_hint  # force the unified / prefill replica (Serve replica id); "" = policy
+        self.routed: dict[str, str] = {}  # role -> replica id that served the request
 
     def attach(self, response) -> None:
         self._calls.append(response)
@@ -62,18 +66,39 @@ async def _gather_stats(handle, num_calls: int) -> list[WorkerStats]:
     return list(by_replica.values())
 
 
+async def _submit(dispatch: WorkerDispatch, call, request_id: str, ctl: Control, role: str,
+                  keys=(), hint: str = "", attempts: int = 3) -> AsyncIterator[StreamChunk]:
+    """Choose a replica and stream the request's chunks over its channel (router/channels.py);
+    choose again when the submit reached another replica than chosen (the set changed)."""
+    for attempt in range(attempts):
+        replica = ctl.routed[role] = await dispatch.choose(keys, hint)
+        started = False
+        try:
+            async for chunk in dispatch.run(call, request_id, ctl, replica):
+                started = True
+                yield chunk
+            return
+        except Exception as exc:
+            if started or attempt == attempts - 1 or not is_wrong_replica(exc):
+                raise
+            hint = ""
+
+
 class UnifiedPipeline:
     """One worker does prefill and decode (no KV transfer)."""
 
     def __init__(self, worker):
         self.worker = worker
-        self._stream_handle = worker.options(stream=True)
+        self.dispatch = WorkerDispatch(worker)
+        self.info: ModelInfo | None = None
 
     async def model_info(self) -> ModelInfo:
-        return await self.worker.model_info.remote()
+        self.info = await self.worker.model_info.remote()
+        return self.info
 
     def run(self, call: GenerateCall, ctl: Control) -> AsyncIterator[StreamChunk]:
-        return _stream(self._stream_handle.generate.remote(call), ctl)
+        keys = prompt_keys(self.info.block_hash_seed, self.info.block_size, call.prompt_token_ids)
+        return _submit(self.dispatch, call, call.request_id, ctl, "unified", keys, ctl.replica_hint)
 
     async def worker_stats(self, num_calls: int = 8) -> list[WorkerStats]:
         return await _gather_stats(self.worker, num_calls)
@@ -86,23 +111,33 @@ class PrefillDecodePipeline:
         self.prefill = prefill
         self.decode = decode
         self._prefill_stream = prefill.options(stream=True)
-        self._decode_stream = decode.options(stream=True)
+        self.prefill_dispatch = WorkerDispatch(prefill)
+        self.decode_dispatch = WorkerDispatch(decode, router_id=self.prefill_dispatch.router_id)
+        self.info: ModelInfo | None = None
 
     async def model_info(self) -> ModelInfo:
-        return await self.prefill.model_info.remote()
+        self.info = await self.prefill.model_info.remote()
+        return self.info
 
     async def run(self, call: GenerateCall, ctl: Control) -> AsyncIterator[StreamChunk]:
-        prefill = self._prefill_stream.prefill.remote(call)
+        keys = prompt_keys(self.info.block_hash_seed, self.info.block_size, call.prompt_token_ids)
+        target = ctl.routed["prefill"] = await self.prefill_dispatch.choose(keys, ctl.replica_hint)
+        prefill = self._prefill_stream.prefill.remote(call, route=self.prefill_dispatch.route(target, call.traceparent))
         ctl.attach(prefill)
+        inflight = self.prefill_dispatch.inflight
+        inflight[target] += 1
         try:  # the prefill stream stays open (its replica holds the KV) until decode adopted it
-            result = await prefill.__anext__()
+            try:
+                result = await prefill.__anext__()
+            finally:
+                inflight[target] -= 1
             first = result.first
             yield first
             if first.finish_reason is not None or result.kv is None:
                 return
             decode_call = DecodeCall(call, first.token_ids[0], (first.logprobs or [None])[0], result.kv,
                                      first.num_cached_tokens, result.generator_state, call.traceparent)
-            async for chunk in _stream(self._decode_stream.decode.remote(decode_call), ctl):
+            async for chunk in _submit(self.decode_dispatch, decode_call, call.request_id, ctl, "decode"):
                 if prefill is not None:  # decode adopted the KV: the prefill replica may drop it
                     self._close(prefill, ctl)
                     prefill = None

@@ -19,45 +19,13 @@ reads take an immutable snapshot (Serve replaces its replica list, never mutates
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
-from typing import Any
-
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RunningReplica
 
-from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+from router.replica_directory import ReplicaDirectory
 
 STATS_PERIOD_S = 1.0  # how often each worker replica reports load and cached block keys
-
-
-@dataclass(frozen=True)
-class ReplicaInfo:
-    """A replica of a worker deployment and its last routing stats (services/routing_report.py)."""
-
-    replica_id: str  # Serve replica id (unique_id)
-    stats: dict[str, Any] = field(default_factory=dict)  # {"load", "kv_free", "block_keys"}; {} before the first report
-
-
-class ReplicaDirectory:
-    """Per process: deployment name -> the request router Serve built for it."""
-
-    _lock = threading.Lock()
-    _routers: dict[str, "TargetedRequestRouter"] = {}
-
-    @classmethod
-    def register(cls, name: str, router: "TargetedRequestRouter") -> None:
-        with cls._lock:
-            cls._routers[name] = router
-
-    @classmethod
-    def replicas(cls, name: str) -> list[ReplicaInfo]:
-        """The deployment's current replicas as this process's handles see them ([] until known)."""
-        with cls._lock:
-            router = cls._routers.get(name)
-        if router is None:
-            return []
-        return [ReplicaInfo(r.replica_id.unique_id, dict(r.routing_stats or {})) for r in router.replica_list()]
 
 
 class TargetedRequestRouter(PowerOfTwoChoicesRequestRouter):

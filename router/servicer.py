@@ -51,6 +51,28 @@ def _logprobs(token_ids: list[int], logprobs) -> list[pb.TokenLogprobs]:
     return out
 
 
+# Routing metadata (router/prefix_routing.py): a client may pin the unified / prefill replica
+# (a replica_id from Admin.GetWorkerStats), and every Generate reply's trailing metadata names
+# the replica that computed the prompt (and, in P/D mode, the decode replica).
+REPLICA_HINT_KEY = "x-tandem-replica"
+SERVED_BY_KEY = "x-tandem-replica"
+DECODE_SERVED_BY_KEY = "x-tandem-decode-replica"
+
+
+def _metadata(context: grpc.aio.ServicerContext, name: str) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == name:
+            return value
+    return ""
+
+
+def _set_routed(context: grpc.aio.ServicerContext, ctl: Control, trace_md=()) -> None:
+    routed = [*trace_md, (SERVED_BY_KEY, ctl.routed.get("unified") or ctl.routed.get("prefill", ""))]
+    if "decode" in ctl.routed:
+        routed.append((DECODE_SERVED_BY_KEY, ctl.routed["decode"]))
+    context.set_trailing_metadata(tuple((k, v) for k, v in routed if v))
+
+
 class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, pipeline, validator: RequestValidator, limits: AdmissionLimits,
                  telemetry: RouterTelemetry | None = None):
@@ -75,17 +97,20 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             if len(self.inflight) >= self.limits.max_inflight_requests:
                 raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"router at its limit of {self.limits.max_inflight_requests} requests in flight")
-            ctl = self.inflight[rid] = Control()
+            ctl = self.inflight[rid] = Control(_metadata(context, REPLICA_HINT_KEY))
             usage = _Usage(prompt_tokens=len(call.prompt_token_ids))
             obs.dispatched(call)
             try:
                 async for chunk in self.pipeline.run(call, ctl):
                     obs.on_chunk(chunk)
+                    if chunk.finish_reason is not None:
+                        _set_routed(context, ctl, obs.trailing_metadata())
                     yield self._response(rid, chunk, usage)
             except (asyncio.CancelledError, Exception) as exc:
                 if not ctl.aborted or _being_cancelled():
                     raise
                 log.info("request %s aborted (%s)", rid, type(exc).__name__)
+                _set_routed(context, ctl, obs.trailing_metadata())
                 obs.finished("abort", usage.cached_prompt_tokens)
                 yield pb.GenerateResponse(request_id=rid, finish_reason="abort", usage=usage.proto())
         except asyncio.CancelledError:
@@ -94,6 +119,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except Exception as exc:
             code, message = status_for(exc, rid)
             obs.failed(code.name, code.value[0], exc, message)
+            if ctl is not None:
+                _set_routed(context, ctl, obs.trailing_metadata())
             await context.abort(code, message)
         finally:
             obs.end()
