@@ -115,3 +115,12 @@ def choose_replica(replicas: Sequence[ReplicaView], prompt_keys: Sequence[int],
 def least_loaded(replicas: Sequence[ReplicaView], rotation: int = 0) -> str:
     """The replica with the lowest load (decode: no prefix preference)."""
     return choose_replica(replicas, (), rotation=rotation).replica_id
+
+
+def prompt_keys(seed: bytes, block_size: int, token_ids: Sequence[int]) -> list[int]:
+    """Block keys of a prompt's full blocks, chained from the engine's seed ([] without a seed)."""
+    if not seed:
+        return []
+    from services.engine.kv_cache import block_hash_chain
+
+    return [block_key(h) for h in block_hash_chain(seed, token_ids, block_size)]
