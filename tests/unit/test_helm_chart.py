@@ -200,6 +200,7 @@ def test_serve_config_follows_values():
     """Another value combination, applied to pd.yaml the same way, still matches."""
     out = helm("template", "tandem", str(CHART), "--namespace", "serving",
                "--set", "serve.deployments.DecodeWorker.autoscaling_config.max_replicas=7",
+               "--set", "rayCluster.workerGroups.decode.maxReplicas=7",
                "--set", "serve.args.decode_engine.max_num_seqs=256", "--set", "service.grpcPort=50100",
                "--set", "redis.enabled=false")
     (rayservice,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "RayService"]
@@ -359,6 +360,23 @@ def helm_fails(*args: str) -> str:
 ])
 def test_values_schema_rejects_bad_values(setting, complaint):
     assert complaint in helm_fails("template", "tandem", str(CHART), "--set", setting)
+
+
+@pytest.mark.parametrize("settings,complaint", [
+    (["serve.deployments.PrefillWorker.autoscaling_config.max_replicas=5"],
+     "leaves room for 4 replicas, but PrefillWorker may scale to 5"),
+    (["rayCluster.workerGroups.decode.replicasPerPod=2", "rayCluster.workerGroups.decode.maxReplicas=1",
+      "serve.deployments.DecodeWorker.autoscaling_config.max_replicas=3"], "DecodeWorker may scale to 3"),
+    (["rayCluster.workerGroups.decode.deployment=UnifiedWorker"], "UnifiedWorker has no entry in serve.deployments"),
+    (["rayCluster.workerGroups.decode.minReplicas=5"], "minReplicas > maxReplicas"),
+])
+def test_values_that_could_not_reach_their_replicas_fail_to_render(settings, complaint):
+    args = [arg for setting in settings for arg in ("--set", setting)]
+    assert complaint in helm_fails("template", "tandem", str(CHART), *args)
+    # Room enough: the same settings render once the group may grow.
+    if "may scale to" in complaint:
+        helm("template", "tandem", str(CHART), *args, "--set", "rayCluster.workerGroups.prefill.maxReplicas=8",
+             "--set", "rayCluster.workerGroups.decode.maxReplicas=8")
 
 
 @pytest.mark.parametrize("name", ["default", "no-redis-values"])

@@ -138,3 +138,22 @@ bind address and port, prefix_store.url, and the placement resources of every de
     medium: Memory
     sizeLimit: {{ .Values.rayCluster.shmSize }}
 {{- end -}}
+
+{{/* Fail early on values that would deploy but never reach their replica counts. */}}
+{{- define "tandem.checks" -}}
+{{- range $group, $spec := .Values.rayCluster.workerGroups -}}
+{{- $options := get $.Values.serve.deployments $spec.deployment -}}
+{{- if not $options -}}
+{{- fail (printf "rayCluster.workerGroups.%s.deployment: %s has no entry in serve.deployments" $group $spec.deployment) -}}
+{{- end -}}
+{{- $autoscaling := default dict (get $options "autoscaling_config") -}}
+{{- $wanted := int (default (get $options "num_replicas" | default 1) (get $autoscaling "max_replicas")) -}}
+{{- $capacity := mul (int $spec.maxReplicas) (int $spec.replicasPerPod) -}}
+{{- if lt (int $capacity) $wanted -}}
+{{- fail (printf "rayCluster.workerGroups.%s: maxReplicas x replicasPerPod leaves room for %d replicas, but %s may scale to %d" $group (int $capacity) $spec.deployment $wanted) -}}
+{{- end -}}
+{{- if gt (int $spec.minReplicas) (int $spec.maxReplicas) -}}
+{{- fail (printf "rayCluster.workerGroups.%s: minReplicas > maxReplicas" $group) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
