@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 
 import pytest
 
@@ -11,6 +12,7 @@ from tests.dashboard_queries import (CONTRACT, ROOT, dashboard_paths, exposed_na
 PATHS = dashboard_paths()
 VARIABLES = {"datasource", "model", "role", "replica"}
 ROLES = ("router", "prefill", "decode", "unified")
+PANEL_TYPES = {"timeseries", "stat", "state-timeline", "gauge", "bargauge", "table"}
 
 
 def _generator():
@@ -53,8 +55,14 @@ def test_dashboard_is_well_formed_grafana(path):
         assert panel["targets"], f"panel {panel['title']!r} has no query"
         ref_ids = [t["refId"] for t in panel["targets"]]
         assert len(ref_ids) == len(set(ref_ids)), panel["title"]
+        assert panel["type"] in PANEL_TYPES, panel["title"]
         for target in panel["targets"]:
             assert target["expr"].strip() and target["datasource"] == panel["datasource"], panel["title"]
+            # A legend names only labels the query keeps (its `by (...)` clauses).
+            kept = {label.strip() for group in re.findall(r"\bby \(([^)]*)\)", target["expr"])
+                    for label in group.split(",")}
+            legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target["legendFormat"]))
+            assert legend <= kept, f"{panel['title']!r}: legend {legend - kept} not kept by {target['expr']!r}"
         if panel["title"] not in {"Redis circuit breaker"}:
             assert panel["fieldConfig"]["defaults"]["unit"], panel["title"]
     # Expanded panels do not overlap (collapsed rows' panels are laid out when opened).
