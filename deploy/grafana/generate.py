@@ -1,6 +1,6 @@
 """Writes the Grafana dashboard deploy/grafana/tandem.json and the Helm chart's copy.
 
-The queries are written here, once, as code: edit this file and run `make dashboards`
+The queries are written here, once, as code: edit this file and run `make chart-files`
 (or `python deploy/grafana/generate.py`). tests/unit/test_dashboards.py fails when the
 committed JSON differs from what this file writes, or uses a metric name outside the
 metric contract (services/telemetry).

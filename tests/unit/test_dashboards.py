@@ -30,8 +30,8 @@ def test_committed_json_is_what_the_generator_writes():
     generator = _generator()
     expected = generator.render()
     for path in generator.TARGETS:
-        assert path.is_file(), f"{path} is missing: run `make dashboards`"
-        assert path.read_text() == expected, f"{path} is stale: run `make dashboards`"
+        assert path.is_file(), f"{path} is missing: run `make chart-files`"
+        assert path.read_text() == expected, f"{path} is stale: run `make chart-files`"
 
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.name)

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "tandem"
 CRD = ROOT / "tests" / "data" / "ray.io_rayservices.yaml"
 K8S_VERSION = "1.33.0"  # a version kubernetes-validate ships schemas for
-CORE_KINDS = {"Service", "StatefulSet", "Secret", "ConfigMap"}
+CORE_KINDS = {"Service", "StatefulSet", "Deployment", "Secret", "ConfigMap"}
 # Value combinations: the defaults, and the chart's ci/ files (also usable with `helm lint -f`).
 VALUES = {"default": None, **{p.stem: p for p in sorted((CHART / "ci").glob("*.yaml"))}}
 
@@ -257,11 +257,13 @@ def test_pods_get_metrics_tracing_and_redis_settings(name):
     (rayservice,) = by_kind(docs, "RayService")
     secrets = {s["metadata"]["name"]: s for s in by_kind(docs, "Secret")}
     otel = values["otel"]
+    endpoint = otel["endpoint"] or \
+        ("http://tandem-otel-collector.serving.svc:4317" if otel["collector"]["enabled"] else "")
     for group, container in ray_containers(rayservice).items():
         env = env_of(container)
         assert env["TANDEM_METRICS_HOST"]["value"] == "0.0.0.0", group
-        if otel["endpoint"]:
-            assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == otel["endpoint"]
+        if endpoint:
+            assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == endpoint
             assert float(env["OTEL_TRACES_SAMPLER_ARG"]["value"]) == otel["samplingRatio"]
             assert env["OTEL_TRACES_SAMPLER"]["value"] == otel["sampler"]
         else:
@@ -336,12 +338,29 @@ def test_monitors_are_off_by_default_and_point_at_real_ports():
     assert {"metrics", "metrics-w0", "metrics-w1"} <= endpoint_ports <= pod_ports
 
 
+def test_chart_collector_runs_deploy_otel_collector_config_and_receives_the_pods_spans():
+    assert not by_kind(render("default"), "Deployment")
+    docs = render("otel-collector-values")
+    (deployment,) = by_kind(docs, "Deployment")
+    (config,) = [c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"] == "tandem-otel-collector"]
+    assert config["data"]["config.yaml"] == (ROOT / "deploy" / "otel-collector" / "config.yaml").read_text(), \
+        "helm/tandem/files/otel-collector.yaml differs from deploy/otel-collector/config.yaml: run `make chart-files`"
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert env_of(container)["TRACES_BACKEND_ENDPOINT"]["value"] == "tempo.monitoring:4317"
+    (service,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"] == "tandem-otel-collector"]
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert {"otlp-grpc": 4317}.items() <= {p["name"]: p["port"] for p in service["spec"]["ports"]}.items()
+    (rayservice,) = by_kind(docs, "RayService")
+    for container in ray_containers(rayservice).values():
+        assert env_of(container)["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == "http://tandem-otel-collector.serving.svc:4317"
+
+
 @pytest.mark.parametrize("name", VALUES)
 def test_dashboard_configmap_carries_deploy_grafana(name):
-    (configmap,) = by_kind(render(name), "ConfigMap")
+    (configmap,) = [c for c in by_kind(render(name), "ConfigMap") if c["metadata"]["name"] == "tandem-dashboards"]
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     sources = {p.name: p.read_text() for p in (ROOT / "deploy" / "grafana").glob("*.json")}
-    assert configmap["data"] == sources, "the chart's dashboards/ differ from deploy/grafana: run `make dashboards`"
+    assert configmap["data"] == sources, "the chart's dashboards/ differ from deploy/grafana: run `make chart-files`"
     for text in configmap["data"].values():
         json.loads(text)
 

@@ -94,6 +94,15 @@ bind address and port, prefix_store.url, and the placement resources of every de
 {{- toYaml $config -}}
 {{- end -}}
 
+{{/* The OTLP endpoint of the Ray pods: otel.endpoint, else the chart's collector, else "" (off). */}}
+{{- define "tandem.otelEndpoint" -}}
+{{- if .Values.otel.endpoint -}}
+{{- .Values.otel.endpoint -}}
+{{- else if .Values.otel.collector.enabled -}}
+{{- printf "http://%s-otel-collector.%s.svc:4317" (include "tandem.fullname" .) .Release.Namespace -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Environment of every Ray container: metrics bind address, tracing, Redis password. */}}
 {{- define "tandem.rayEnv" -}}
 - name: POD_NAME
@@ -107,9 +116,10 @@ bind address and port, prefix_store.url, and the placement resources of every de
   value: {{ .Values.otel.serviceName | quote }}
 - name: OTEL_RESOURCE_ATTRIBUTES
   value: {{ printf "k8s.namespace.name=%s,k8s.pod.name=$(POD_NAME),service.instance.id=$(POD_NAME)" .Release.Namespace | quote }}
-{{- if .Values.otel.endpoint }}
+{{- $endpoint := include "tandem.otelEndpoint" . }}
+{{- if $endpoint }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
-  value: {{ .Values.otel.endpoint | quote }}
+  value: {{ $endpoint | quote }}
 - name: OTEL_EXPORTER_OTLP_PROTOCOL
   value: grpc
 - name: OTEL_EXPORTER_OTLP_INSECURE
