@@ -143,6 +143,10 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
         from bench.serve import main as serve_main
 
         return serve_main(rest)
+    if args.suite == "prefix":
+        from bench.prefix import main as prefix_main
+
+        return prefix_main(rest)
     print(f"bench: unknown suite {args.suite!r}", file=sys.stderr)
     return 2
 
@@ -188,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=None, help="gRPC deadline in seconds")
 
     b = sub.add_parser("bench", help="benchmarks: offline (engine in-process) or serve (gRPC load generator)")
-    b.add_argument("suite", choices=["offline", "serve"])
+    b.add_argument("suite", choices=["offline", "serve", "prefix"])
     return p
 
 

@@ -156,3 +156,30 @@ def test_password_comes_from_file_or_env(tmp_path, monkeypatch):
     kw = client.connection_pool.connection_kwargs
     assert kw["username"] == "tandem" and kw["port"] == 6380 and client.connection_pool.connection_class.__name__ == \
         "SSLConnection"
+
+
+def test_app_args_give_the_store_to_prefill_and_unified_only():
+    from router.app import parse_args
+
+    pd = parse_args({"mode": "pd", "prefix_store": {"url": "redis://127.0.0.1:6379", "ttl_s": 60}})
+    assert pd.workers["prefill"].prefix_store.ttl_s == 60 and pd.workers["decode"].prefix_store is None
+    assert parse_args({"prefix_store": {"url": "rediss://u@h:1"}}).workers["unified"].prefix_store.url == "rediss://u@h:1"
+    assert parse_args({"prefix_store": None}).workers["unified"].prefix_store is None
+    with pytest.raises(ValueError, match="args.prefix_store.url"):
+        parse_args({"prefix_store": {"ttl_s": 5}})
+
+
+def test_tandem_serve_redis_choice(monkeypatch):
+    from services.prefix_store import server as srv
+
+    assert srv.redis_for_serve(None, True, "64mb")[:2] == (None, None)
+    assert srv.redis_for_serve("rediss://u@h:6380", False, "64mb")[:2] == (None, {"url": "rediss://u@h:6380"})
+    started, args, line = srv.redis_for_serve(None, False, "64mb")
+    try:
+        assert args == {"url": started.url} and started._ping() and f"pid {started.pid}" in line
+    finally:
+        started.stop()
+    assert not started._ping()
+    monkeypatch.setattr(srv, "find_redis_server", lambda: None)
+    server, args, line = srv.redis_for_serve(None, False, "64mb")
+    assert server is None and args is None and "local tier only" in line
