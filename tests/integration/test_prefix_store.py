@@ -6,6 +6,7 @@ import time
 
 import pytest
 import redis
+import torch
 
 from services.engine import LLM, SamplingParams
 from services.engine.make_model import make_model
@@ -151,7 +152,7 @@ def test_blob_evicted_between_exists_and_get_is_a_clean_miss(redis_server, rclie
     layout = BlockLayout(dtype, shape)
     hashes = [bytes([i]) * 32 for i in range(6)]
     for h in hashes:
-        rclient.set(block_key(fp, h), encode_block(__import__("torch").ones(shape)))
+        rclient.set(block_key(fp, h), encode_block(torch.ones(shape)))
 
     class Racy(PrefixStore):
         async def _exists(self, keys):
@@ -176,7 +177,7 @@ def test_write_back_never_waits_queue_full_drops(redis_server, models):
 
     async def main():
         store = PrefixStore(config(redis_server, write_queue_size=1), "fp", layout)
-        kv = __import__("torch").zeros((2, 2, 1, BS, 2, 16))
+        kv = torch.zeros((2, 2, 1, BS, 2, 16))
         t = time.perf_counter()
         results = [store.submit([bytes([i]) * 32], kv) for i in range(3)]
         elapsed = time.perf_counter() - t
@@ -197,7 +198,7 @@ def test_redis_down_is_a_fast_miss_then_breaker_reopens_by_itself(redis_server, 
     se.shutdown()
     layout = BlockLayout(dtype, shape)
     hashes = [bytes([i]) * 32 for i in range(4)]
-    kv = __import__("torch").ones((shape[0], 2, 4) + shape[2:])
+    kv = torch.ones((shape[0], 2, 4) + shape[2:])
 
     async def main():
         store = PrefixStore(config(redis_server, breaker_failures=2, breaker_retry_s=1.0), "fp", layout)
@@ -225,3 +226,28 @@ def test_redis_down_is_a_fast_miss_then_breaker_reopens_by_itself(redis_server, 
 
     down_s, found = asyncio.run(main())
     assert down_s < 2.0 and found == 4
+
+
+def test_acl_user_with_password_from_the_environment(redis_server, rclient, monkeypatch):
+    rclient.acl_setuser("tandem-test", enabled=True, passwords=["+s3cret-pw"], keys=["tandem:*"],
+                        commands=["+exists", "+get", "+set", "+del", "+ping", "+hello", "+client"])
+    layout = BlockLayout("float32", (2, 2, BS, 2, 16))
+    kv = torch.ones((2, 2, 2, BS, 2, 16))
+    hashes = [b"\x01" * 32, b"\x02" * 32]
+    url = redis_server.url.replace("redis://", "redis://tandem-test@")
+
+    async def roundtrip(password_env):
+        store = PrefixStore(PrefixStoreConfig(url=url, password_env=password_env), "acl", layout)
+        try:
+            store.submit(hashes, kv)
+            await store.flush()
+            return (await store.lookup(hashes)).shape[2], store.stats()["errors"]
+        finally:
+            await store.close()
+
+    monkeypatch.setenv("TANDEM_TEST_REDIS_PW", "s3cret-pw")
+    assert asyncio.run(roundtrip("TANDEM_TEST_REDIS_PW")) == (2, {})
+    monkeypatch.setenv("TANDEM_TEST_REDIS_PW", "wrong")
+    found, errors = asyncio.run(roundtrip("TANDEM_TEST_REDIS_PW"))
+    assert found == 0 and errors.get("set") == 1 and errors.get("exists") == 1  # refused: a miss, not a crash
+    rclient.acl_deluser("tandem-test")
