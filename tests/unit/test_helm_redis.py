@@ -1,5 +1,6 @@
 """helm/tandem's Redis: the StatefulSet (maxmemory, LRU, a real redis-server running its
-command), the password Secret (generated or yours), and what the Ray pods get from it."""
+command) and the password Secret (generated, random, or yours). What the Ray pods get from
+it: test_helm_chart.py::test_pods_get_metrics_tracing_and_redis_settings."""
 
 from __future__ import annotations
 
