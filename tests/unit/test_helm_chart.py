@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import kubernetes_validate
 import pytest
@@ -236,6 +237,8 @@ def test_chart_collector_runs_deploy_otel_collector_config_and_receives_the_pods
         "helm/tandem/files/otel-collector.yaml differs from deploy/otel-collector/config.yaml: run `make chart-files`"
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert env_of(container)["TRACES_BACKEND_ENDPOINT"]["value"] == "tempo.monitoring:4317"
+    needed = set(re.findall(r"\$\{env:(\w+)\}", config["data"]["config.yaml"]))
+    assert needed and needed <= set(env_of(container)), f"the collector's config reads {needed}"
     (service,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"] == "tandem-otel-collector"]
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert {"otlp-grpc": 4317}.items() <= {p["name"]: p["port"] for p in service["spec"]["ports"]}.items()
