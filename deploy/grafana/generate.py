@@ -23,15 +23,19 @@ RATE = "[$__rate_interval]"
 QUANTILES = (0.5, 0.9, 0.99)
 
 
-def sel(role: str | None = None) -> str:
+# gRPC codes that say the client gave up or asked wrongly, not that the server failed.
+CLIENT_CODES = "CANCELLED|INVALID_ARGUMENT|NOT_FOUND|OUT_OF_RANGE"
+
+
+def sel(role: str | None = None, extra: str = "") -> str:
     """The label matchers of every query; ``role`` pins a role-row's queries to one role."""
     role_matcher = f'role="{role}"' if role else 'role=~"$role"'
-    return f'{{model=~"$model", {role_matcher}, replica=~"$replica"}}'
+    return f'{{model=~"$model", {role_matcher}, replica=~"$replica"{", " + extra if extra else ""}}}'
 
 
-def rate(metric: str, role: str | None = None, by: str = "") -> str:
+def rate(metric: str, role: str | None = None, by: str = "", extra: str = "") -> str:
     grouping = f" by ({by})" if by else ""
-    return f"sum{grouping} (rate({metric}{sel(role)}{RATE}))"
+    return f"sum{grouping} (rate({metric}{sel(role, extra)}{RATE}))"
 
 
 def quantiles(histogram: str, role: str | None = None, by: str = "") -> list[tuple[str, str]]:
@@ -137,9 +141,14 @@ def fleet_rows(d: Layout) -> None:
     d.add_row("Errors")
     d.add("Failed requests / s by status code", [(rate("tandem_requests_failed_total", by="code"), "{{code}}")],
           "reqps", width=12)
-    d.add("Failed fraction", [(f"{rate('tandem_requests_failed_total')} / ({rate('tandem_requests_failed_total')} + "
-                               f"{rate('tandem_requests_finished_total')})", "failed / (failed + finished)")],
-          "percentunit", width=12, defaults={"min": 0})
+    ended = f"({rate('tandem_requests_failed_total')} + {rate('tandem_requests_finished_total')})"
+    server_codes = f'code!~"{CLIENT_CODES}"'
+    d.add("Failed fraction", [(f"{rate('tandem_requests_failed_total')} / {ended}", "failed (any code)"),
+                              (f"{rate('tandem_requests_failed_total', extra=server_codes)} / {ended}",
+                               "server errors")],
+          "percentunit", width=12, defaults={"min": 0},
+          description="Requests ended with a non-OK status / requests ended. Server errors leave out "
+                      f"{CLIENT_CODES.replace('|', ', ')} (the client's doing).")
 
 
 def role_rows(d: Layout) -> None:
