@@ -52,4 +52,4 @@ protos: $(STAMP)
 	$(BIN)/python -m protos.generate
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .tools
