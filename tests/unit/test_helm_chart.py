@@ -41,6 +41,8 @@ def expected_serve_config(values: dict, namespace: str = "serving") -> dict:
     if url:
         overrides["prefix_store"] = {"url": url}
     config = load_config(ROOT / "deploy" / "pd.yaml", overrides=overrides, deployments=deployments)
+    if not url:  # no Redis on the cluster: no Redis tier (a local URL in pd.yaml means nothing there)
+        config["applications"][0]["args"].pop("prefix_store", None)
     config["http_options"] = {**config.get("http_options", {}), "host": "0.0.0.0"}
     return config
 

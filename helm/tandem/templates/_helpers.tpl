@@ -71,6 +71,8 @@ bind address and port, prefix_store.url, and the placement resources of every de
 {{- $store := deepCopy (default dict (get $args "prefix_store")) -}}
 {{- $_ := set $store "url" $redisUrl -}}
 {{- $_ := set $args "prefix_store" $store -}}
+{{- else -}}
+{{- $_ := unset $args "prefix_store" -}}
 {{- end -}}
 {{- $placement := dict "Router" "tandem_router" -}}
 {{- range $group, $spec := .Values.rayCluster.workerGroups -}}
