@@ -298,3 +298,16 @@ def test_install_notes_render(name):
     assert ("StatefulSet tandem-redis" in notes) == (name == "default")
 
 
+
+
+@pytest.mark.parametrize("redis_enabled", [True, False])
+def test_prefix_store_options_from_values_keep_the_clusters_url(redis_enabled):
+    out = helm("template", "tandem", str(CHART), "--namespace", "serving", "--set", "serve.args.prefix_store.ttl_s=600",
+               "--set", f"redis.enabled={str(redis_enabled).lower()}")
+    (rayservice,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "RayService"]
+    args = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"]
+    if redis_enabled:
+        assert args["prefix_store"] == {"ttl_s": 600, "url": "redis://tandem-redis.serving.svc:6379/0"}
+        assert parse_args(args).workers["prefill"].prefix_store.ttl_s == 600
+    else:
+        assert "prefix_store" not in args
