@@ -311,3 +311,14 @@ def test_prefix_store_options_from_values_keep_the_clusters_url(redis_enabled):
         assert parse_args(args).workers["prefill"].prefix_store.ttl_s == 600
     else:
         assert "prefix_store" not in args
+
+
+def test_extra_volumes_mounts_and_env_reach_every_ray_pod():
+    (rayservice,) = by_kind(render("model-volume-values"), "RayService")
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        assert {v["name"] for v in pod["spec"]["volumes"]} == {"dshm", "models"}
+        container = pod["spec"]["containers"][0]
+        assert {"name": "models", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
+        assert env_of(container)["HF_HUB_OFFLINE"]["value"] == "1"
