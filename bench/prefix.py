@@ -1,6 +1,7 @@
 """Prefix-cache benchmark: TTFT of a prompt whose prefix another replica left in Redis, vs cold.
 
     tandem bench prefix --model /tmp/perf_anchor/models/dense-100m [--reps 5] [--json out.json]
+    tandem bench prefix --workload chat [--conversations 16 --turns 8 --system-len 512]   (bench/prefix_chat.py)
 
 What it does (everything real, on this machine): starts a redis-server (127.0.0.1, free
 port, stopped by PID at the end) and a local Ray head, deploys two independent Serve apps
@@ -39,24 +40,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _app_config(name: str, model: str, redis_url: str | None, engine: dict) -> dict:
+def _app_config(name: str, model: str, redis_url: str | None, engine: dict, mode: str) -> dict:
     from router import launcher
 
     store = {"prefix_store": {"url": redis_url}} if redis_url else {}  # default timeouts
-    config = launcher.load_config(DEPLOY / "pd.yaml", model=model, port=_free_port(),
+    yaml, workers = ("pd.yaml", ("PrefillWorker", "DecodeWorker")) if mode == "pd" else ("local.yaml", ("UnifiedWorker",))
+    config = launcher.load_config(DEPLOY / yaml, model=model, port=_free_port(),
                                   overrides={"engine": engine, **store},
-                                  deployments={d: {"autoscaling_config": None, "num_replicas": 1}
-                                               for d in ("PrefillWorker", "DecodeWorker")})
+                                  deployments={d: {"autoscaling_config": None, "num_replicas": 1} for d in workers})
     config["applications"][0]["name"] = name
     config["applications"][0]["logging_config"] = {"enable_access_log": False, "log_level": "WARNING"}
     return config
 
 
-def deploy_apps(model: str, redis_url: str | None, names: list[str], engine: dict) -> dict[str, str]:
-    """Deploy one pd app per name on the connected Ray head; {name: gRPC address}."""
+def deploy_apps(model: str, redis_url: str | None, names: list[str], engine: dict, mode: str) -> dict[str, str]:
+    """Deploy one app (``mode`` pd or unified) per name on the connected Ray head; {name: gRPC address}."""
     from router import launcher
 
-    configs = {n: _app_config(f"tandem-{n.lower()}", model, redis_url, engine) for n in names}
+    configs = {n: _app_config(f"tandem-{n.lower()}", model, redis_url, engine, mode) for n in names}
     merged = copy.deepcopy(next(iter(configs.values())))
     merged["applications"] = [c["applications"][0] for c in configs.values()]
     launcher.deploy(merged, timeout_s=600)
@@ -113,7 +114,7 @@ async def measure(args, addresses: dict[str, str], redis_url: str) -> dict:
 
     rng = random.Random(args.seed)
     client = redis.Redis.from_url(redis_url)
-    out = {"cold": [], "redis": [], "cached_tokens": [], "write_back_s": []}
+    out = {"cold": [], "redis": [], "local": [], "cached_tokens": [], "write_back_s": []}
     async with grpc.aio.insecure_channel(addresses["A"]) as ca, grpc.aio.insecure_channel(addresses["B"]) as cb:
         a, b = pb_grpc.GenerationStub(ca), pb_grpc.GenerationStub(cb)
         for stub in (a, b):  # warm-up: first-call costs of each replica
@@ -124,14 +125,18 @@ async def measure(args, addresses: dict[str, str], redis_url: str) -> dict:
             prefix = random_prompt(rng, args.prefix_len, args.vocab)
             await ttft(a, prefix, args.output_len)
             out["write_back_s"].append(wait_written(client, block_keys(args.model, prefix, args.block_size)))
-            s, cached = await ttft(b, prefix + random_prompt(rng, args.prompt_len - args.prefix_len, args.vocab),
-                                   args.output_len)
+            prompt = prefix + random_prompt(rng, args.prompt_len - args.prefix_len, args.vocab)
+            s, cached = await ttft(b, prompt, args.output_len)
             out["redis"].append(s)
             out["cached_tokens"].append(cached)
-            print(f"rep {rep}: cold {out['cold'][-1]:.3f}s  redis-prefix {s:.3f}s  cached {cached}", flush=True)
+            local, _ = await ttft(b, prompt, args.output_len)  # again on B: its local tier has it now
+            out["local"].append(local)
+            print(f"rep {rep}: cold {out['cold'][-1]:.3f}s  redis-prefix {s:.3f}s (cached {cached})  "
+                  f"same prompt again, local tier {local:.3f}s", flush=True)
     client.close()
     cold, warm = statistics.median(out["cold"]), statistics.median(out["redis"])
-    return {**out, "cold_ttft_s": cold, "redis_ttft_s": warm, "ratio": warm / cold}
+    return {**out, "cold_ttft_s": cold, "redis_ttft_s": warm, "local_ttft_s": statistics.median(out["local"]),
+            "ratio": warm / cold}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -145,27 +150,64 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-gb", type=float, default=1.0)
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--workload", choices=["ttft", "chat"], default="ttft")
+    p.add_argument("--mode", choices=["pd", "unified"], default="pd", help="deploy/pd.yaml or deploy/local.yaml apps")
+    p.add_argument("--conversations", type=int, default=16, help="chat: conversations at once")
+    p.add_argument("--turns", type=int, default=8, help="chat: turns per conversation")
+    p.add_argument("--system-len", type=int, default=512, help="chat: shared system prompt tokens")
+    p.add_argument("--user-len", type=int, default=64, help="chat: tokens per user turn")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def serve_and_run(args, redis_url: str | None, fn) -> dict:
+    """Start Ray, deploy apps A and B (Redis tier at ``redis_url``, None = local only), run
+    ``fn(args, addresses)``, stop Ray."""
     from router import launcher
+
+    launcher.start_local_ray(num_cpus=16)
+    try:
+        engine = {"block_size": args.block_size, "kv_cache_memory_gb": args.kv_cache_gb}
+        addresses = deploy_apps(args.model, redis_url, ["A", "B"], engine, args.mode)
+        return asyncio.run(fn(args, addresses))
+    finally:
+        launcher.shutdown()
+
+
+def chat_main(args) -> dict:
+    from bench.prefix_chat import run_chat
+    from services.prefix_store.server import LocalRedisServer
+
+    if args.output_len == 4:
+        args.output_len = 32
+    results = {}
+    with LocalRedisServer(maxmemory="1gb") as redis_url:
+        results["redis"] = serve_and_run(args, redis_url, run_chat)
+    results["local_only"] = serve_and_run(args, None, run_chat)
+    for name, r in results.items():
+        print(f"{name:10s}: {r['requests']} requests in {r['wall_s']:.1f}s, {r['throughput_tok_s']:.1f} output tok/s, "
+              f"TTFT p50 {r['ttft_s']['p50']:.3f}s p99 {r['ttft_s']['p99']:.3f}s, prompt tokens from cache: "
+              f"local {r['hit_rate_local']:.1%} redis {r['hit_rate_redis']:.1%} "
+              f"(usage total {r['cached_prompt_tokens']}/{r['prompt_tokens']})", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
     from services.prefix_store.server import LocalRedisServer
 
     args = parse_args(argv)
     args.vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
-    engine = {"block_size": args.block_size, "kv_cache_memory_gb": args.kv_cache_gb}
+    if args.workload == "chat":
+        result = chat_main(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), **result}, indent=2))
+        return 0
     with LocalRedisServer(maxmemory="1gb") as redis_url:
         print(f"redis-server at {redis_url}; starting Ray and two pd apps of {Path(args.model).name} ...", flush=True)
-        launcher.start_local_ray(num_cpus=16)
-        try:
-            addresses = deploy_apps(args.model, redis_url, ["A", "B"], engine)
-            result = asyncio.run(measure(args, addresses, redis_url))
-        finally:
-            launcher.shutdown()
+        result = serve_and_run(args, redis_url, lambda a, addresses: measure(a, addresses, redis_url))
     print(f"TTFT {args.prompt_len}-token prompt, median of {args.reps}: cold {result['cold_ttft_s']:.3f}s, "
           f"first {args.prefix_len} tokens from Redis {result['redis_ttft_s']:.3f}s "
-          f"(ratio {result['ratio']:.3f}, goal <= 0.125); cached tokens {result['cached_tokens']}")
+          f"(ratio {result['ratio']:.3f}, goal <= 0.125), local tier {result['local_ttft_s']:.3f}s; "
+          f"cached tokens {result['cached_tokens']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, **result}, indent=2))
     return 0

@@ -46,6 +46,7 @@ from services.prefix_store.config import PrefixStoreConfig
 
 log = logging.getLogger("tandem.prefix_store")
 TIERS = ("local", "redis")
+FETCH_BYTES = 16 << 20  # one GET pipeline moves at most this much (timeout_s applies per pipeline)
 
 
 def block_key(fingerprint: str, block_hash: bytes) -> str:
@@ -90,19 +91,29 @@ class PrefixStore:
         keys = [self.key(h) for h in hashes]
         found = await self._call("exists", self._exists, keys)
         n = next((i for i, e in enumerate(found or []) if not e), len(found or []))
-        if n == 0:
-            return empty
-        blobs = await self._call("get", self._get, keys[:n])
+        blobs = await self._fetch(keys[:n])
         if not blobs:
             return empty
-        n = next((i for i, b in enumerate(blobs) if b is None), len(blobs))  # evicted since EXISTS
-        kv, bad = await asyncio.to_thread(decode_prefix, blobs[:n], self.layout)
+        kv, bad = await asyncio.to_thread(decode_prefix, blobs, self.layout)
         if bad is not None:
             self.corrupt_blobs += 1
             log.warning("corrupt prefix-cache blob %s deleted (a miss)", keys[bad])
             await self._call("delete", self._delete, keys[bad])
         self.hit_tokens["redis"] += kv.shape[2] * self.layout.block_size
         return kv
+
+    async def _fetch(self, keys: list[str]) -> list[bytes]:
+        """GET ``keys`` in pipelines of at most ``FETCH_BYTES`` each (one timeout per pipeline);
+        returns the blobs up to the first one missing (evicted since EXISTS) or not fetched."""
+        per_call = max(1, FETCH_BYTES // self.layout.num_bytes)
+        blobs: list[bytes] = []
+        for start in range(0, len(keys), per_call):
+            got = await self._call("get", self._get, keys[start:start + per_call]) or [None]
+            n = next((i for i, b in enumerate(got) if b is None), len(got))
+            blobs += got[:n]
+            if n < len(got):
+                break
+        return blobs
 
     def record_local(self, query_tokens: int, hit_tokens: int) -> None:
         """Count a lookup in the local (in-engine) tier, for ``stats()``."""

@@ -251,3 +251,30 @@ def test_acl_user_with_password_from_the_environment(redis_server, rclient, monk
     found, errors = asyncio.run(roundtrip("TANDEM_TEST_REDIS_PW"))
     assert found == 0 and errors.get("set") == 1 and errors.get("exists") == 1  # refused: a miss, not a crash
     rclient.acl_deluser("tandem-test")
+
+
+def test_large_lookups_are_fetched_in_bounded_pipelines(redis_server, rclient, monkeypatch):
+    from services.prefix_store import store as store_module
+
+    layout = BlockLayout("float32", (2, 2, BS, 2, 16))
+    monkeypatch.setattr(store_module, "FETCH_BYTES", 3 * layout.num_bytes)  # 3 blocks per GET pipeline
+    kv = torch.randn((2, 2, 7, BS, 2, 16))
+    hashes = [bytes([i]) * 32 for i in range(7)]
+    calls = []
+
+    class Counting(PrefixStore):
+        async def _get(self, keys):
+            calls.append(len(keys))
+            return await super()._get(keys)
+
+    async def main():
+        store = Counting(config(redis_server), "win", layout)
+        store.submit(hashes, kv)
+        await store.flush()
+        try:
+            return await store.lookup(hashes)
+        finally:
+            await store.close()
+
+    got = asyncio.run(main())
+    assert calls == [3, 3, 1] and torch.equal(got, kv)
