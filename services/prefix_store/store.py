@@ -10,6 +10,9 @@ Glossary
 - write-back: ``submit`` only enqueues (bounded; full = dropped and counted); a background
   task encodes off the event loop and writes with one ``SET ... EX ttl`` pipeline. A request
   never waits for it.
+- I/O thread: every Redis call runs on the store's own event loop in a daemon thread, so
+  the caller's loop (a Serve replica's, which also takes the engine's step lock) can never
+  stall a Redis call into a false timeout, and write-backs never compete with it.
 - failure: each call has a short timeout; failures feed a ``CircuitBreaker``; while it is
   open every lookup is an instant miss and write-backs are dropped.
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import Counter
 from typing import Callable
@@ -57,8 +61,8 @@ def block_key(fingerprint: str, block_hash: bytes) -> str:
 class PrefixStore:
     """The Redis tier of the prefix cache for one engine (one fingerprint, one block layout).
 
-    Use from one event loop. Thread-safety: ``submit`` only from that loop (use
-    ``loop.call_soon_threadsafe`` from elsewhere).
+    ``lookup``/``flush``/``close`` are awaited from any event loop, ``submit`` is called from
+    any thread; the Redis I/O itself runs on the store's I/O thread.
     """
 
     def __init__(self, config: PrefixStoreConfig, fingerprint: str, layout: BlockLayout,
@@ -74,8 +78,17 @@ class PrefixStore:
         self.corrupt_blobs = 0  # blobs that failed the format check (each deleted)
         self.blocks_written = 0  # blocks SET by write-back
         self.writes_dropped = 0  # write-backs dropped (queue full, breaker open or failed)
-        self._queue: asyncio.Queue | None = None
-        self._writer: asyncio.Task | None = None
+        self._queue: asyncio.Queue = asyncio.Queue()  # used on the I/O loop only
+        self._pending = 0  # write-backs queued or in progress (bounded by write_queue_size)
+        self._pending_lock = threading.Lock()
+        self._io = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._io.run_forever, name="prefix-store-io", daemon=True)
+        self._thread.start()
+        self._writer = asyncio.run_coroutine_threadsafe(self._write_loop(), self._io)
+
+    async def _on_io(self, coro):
+        """Run ``coro`` on the I/O loop and await its result from the caller's loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._io))
 
     def key(self, block_hash: bytes) -> str:
         return block_key(self.fingerprint, block_hash)
@@ -84,6 +97,9 @@ class PrefixStore:
     async def lookup(self, hashes: list[bytes]) -> torch.Tensor:
         """KV of the longest run of ``hashes[0:]`` found in Redis: ``[L, 2, n, bs, Hkv, D]``
         (``n = 0`` on a miss, an error, or an open breaker). Never raises for Redis trouble."""
+        return await self._on_io(self._lookup(hashes))
+
+    async def _lookup(self, hashes: list[bytes]) -> torch.Tensor:
         self.query_tokens["redis"] += len(hashes) * self.layout.block_size
         empty = torch.empty((self.layout.shape[0], 2, 0) + self.layout.shape[2:], dtype=self.layout.torch_dtype)
         if not hashes or not self.breaker.allow():
@@ -151,19 +167,17 @@ class PrefixStore:
     # ---- write-back ----------------------------------------------------------------------
     def submit(self, hashes: list[bytes], kv: torch.Tensor) -> bool:
         """Queue blocks ``kv[:, :, i]`` (``[L, 2, n, bs, Hkv, D]``, host memory) for writing
-        under ``hashes[i]``; returns False when dropped. Never blocks."""
+        under ``hashes[i]``; returns False when dropped. Never blocks; any thread."""
         if not hashes:
             return True
         if kv.shape[2] != len(hashes):
             raise ValueError(f"kv: {kv.shape[2]} blocks for {len(hashes)} hashes")
-        if self._writer is None or self._writer.done():
-            self._queue = asyncio.Queue(self.config.write_queue_size)
-            self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name="prefix-store-writer")
-        try:
-            self._queue.put_nowait((list(hashes), kv))
-        except asyncio.QueueFull:
-            self.writes_dropped += 1
-            return False
+        with self._pending_lock:
+            if self._pending >= self.config.write_queue_size:
+                self.writes_dropped += 1
+                return False
+            self._pending += 1
+        self._io.call_soon_threadsafe(self._queue.put_nowait, (list(hashes), kv))
         return True
 
     async def _write_loop(self) -> None:
@@ -171,7 +185,12 @@ class PrefixStore:
             hashes, kv = await self._queue.get()
             try:
                 await self._write(hashes, kv)
+            except Exception:  # never let one bad write stop the writer
+                log.exception("prefix-cache write-back failed")
+                self.writes_dropped += 1
             finally:
+                with self._pending_lock:
+                    self._pending -= 1
                 self._queue.task_done()
 
     async def _write(self, hashes: list[bytes], kv: torch.Tensor) -> None:
@@ -194,13 +213,16 @@ class PrefixStore:
 
     async def flush(self) -> None:
         """Wait until every queued write-back is done (tests, shutdown)."""
-        if self._queue is not None and self._writer is not None and not self._writer.done():
-            await self._queue.join()
+        await self._on_io(self._queue.join())
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
-        await self.client.aclose()
+        """Drop pending write-backs, close the connections, stop the I/O thread."""
+        self._writer.cancel()
+        await self._on_io(self.client.aclose())
+        self._io.call_soon_threadsafe(self._io.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._io.close()
 
     # ---- observability -------------------------------------------------------------------
     def stats(self) -> dict:

@@ -16,6 +16,7 @@ request, or by ``release`` (call it when the request is not added after all).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from contextlib import asynccontextmanager
@@ -29,6 +30,18 @@ from services.prefix_store.store import PrefixStore
 
 log = logging.getLogger("tandem.prefix_store")
 _tracer = trace.get_tracer("tandem")
+
+
+async def _off_loop(fn, *args):
+    """``fn(*args)`` in a worker thread: the engine calls wait for its step lock, which must not
+    block the event loop. A cancelled caller still waits for the call to finish, so that its
+    cleanup sees the call's effect (e.g. the pins it took)."""
+    call = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        await asyncio.wait([call])
+        raise
 
 
 @dataclass(frozen=True)
@@ -72,7 +85,7 @@ class PrefixCacheTier:
         usable = hashes[:eng.max_prefix_blocks(len(prompt_ids))]
         with _tracer.start_as_current_span("tandem.prefix_cache.lookup") as span:
             try:
-                local = self.engine.pin_prefix(request_id, usable)
+                local = await _off_loop(self.engine.pin_prefix, request_id, usable)
                 redis = await self._load(request_id, usable[local:], len(prompt_ids))
             except BaseException:
                 self.engine.release_prefix(request_id)
@@ -89,7 +102,7 @@ class PrefixCacheTier:
         kv = await self.store.lookup(hashes)  # [L, 2, n, bs, Hkv, D]
         if kv.shape[2] == 0:
             return 0
-        return self.engine.import_prefix(request_id, hashes, kv, num_prompt_tokens)
+        return await _off_loop(self.engine.import_prefix, request_id, hashes, kv, num_prompt_tokens)
 
     @asynccontextmanager
     async def serving(self, request_id: str, prompt_ids: list[int]):
@@ -100,7 +113,8 @@ class PrefixCacheTier:
         try:
             yield job
         finally:
-            self.release(request_id)
+            if self.engine.engine.kv.num_pinned(request_id):  # not admitted (failed or cancelled before)
+                self.release(request_id)
             exported = self.engine.pop_export(request_id) if self.store is not None else None
             self.write_back(job.plan, job.new_blocks if job.new_blocks is not None else exported)
 
