@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
+                               start_http_server)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from services.telemetry.config import WORKER_METRICS_PORTS, MetricsConfig
@@ -38,7 +39,36 @@ QUEUE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
                  80.0, 160.0)
 TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
+# The metric contract of issue 5: Prometheus name as exposed -> type (counters end in _total).
+CONTRACT: dict[str, str] = {
+    # router
+    "tandem_time_to_first_token_seconds": "histogram",
+    "tandem_inter_token_latency_seconds": "histogram",
+    "tandem_e2e_request_latency_seconds": "histogram",
+    "tandem_prompt_tokens_total": "counter",
+    "tandem_generation_tokens_total": "counter",
+    "tandem_requests_finished_total": "counter",
+    "tandem_requests_failed_total": "counter",
+    "tandem_requests_inflight": "gauge",
+    # workers
+    "tandem_request_queue_time_seconds": "histogram",
+    "tandem_requests_running": "gauge",
+    "tandem_requests_waiting": "gauge",
+    "tandem_kv_blocks_used": "gauge",
+    "tandem_kv_blocks_total": "gauge",
+    "tandem_prefix_cache_queries_total": "counter",
+    "tandem_prefix_cache_hits_total": "counter",
+    "tandem_prefix_cache_corrupt_blobs_total": "counter",
+    "tandem_redis_errors_total": "counter",
+    "tandem_redis_breaker_open": "gauge",
+    "tandem_kv_transfer_bytes_total": "counter",
+    "tandem_kv_transfer_seconds": "histogram",
+}
 FINISH_REASONS = ("stop", "length", "abort")
+# Status codes a request fails with (router/errors.py), exported at 0 from the start so that
+# rate() and alerts see them before the first failure; others appear when they happen.
+FAILURE_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED", "UNAVAILABLE",
+                 "INTERNAL")
 PREFIX_TIERS = ("local", "redis")
 REDIS_OPS = ("exists", "get", "set", "delete")  # always exported (zero until an error)
 DIRECTIONS = ("send", "fetch")
@@ -80,6 +110,8 @@ class RouterMetrics:
         self._failed = Counter("tandem_requests_failed", "Requests failed, by gRPC status code",
                                LABELS + ("code",), registry=reg)
         self._ids = ids
+        for code in FAILURE_CODES:
+            self.failed(code)
         self.inflight = Gauge("tandem_requests_inflight", "Requests this router replica is serving now", LABELS,
                               registry=reg).labels(*ids)
 
@@ -196,6 +228,7 @@ def serve_metrics(registry: CollectorRegistry, config: MetricsConfig, *, ports: 
     """Serve ``registry`` on the first free port of ``ports`` (None when disabled or none free)."""
     if not config.enabled:
         return None
+    disable_created_metrics()  # no *_created series next to every counter and histogram (as vLLM)
     tried = []
     for port in ports:
         try:

@@ -342,6 +342,24 @@ def test_metrics_server_serves_the_contract():
             s.stop()
 
 
+def test_the_processes_export_exactly_the_contract():
+    from prometheus_client import generate_latest
+
+    from services.telemetry.metrics import CONTRACT
+
+    worker = WorkerMetrics(Identity("m", "decode", "d0"))
+    worker.registry.register(EngineCollector(Identity("m", "decode", "d0"), lambda: Stats))
+    exported = {}
+    for registry in (RouterMetrics(Identity("m", "router", "r0")).registry, worker.registry):
+        for fam in text_string_to_metric_families(generate_latest(registry).decode()):
+            if not fam.name.endswith("_created"):  # serve_metrics turns these off in the real processes
+                exported[fam.name + "_total" if fam.type == "counter" else fam.name] = fam.type
+    assert exported == CONTRACT
+    failed = RouterMetrics(Identity("m", "router", "r0")).registry.get_sample_value(
+        "tandem_requests_failed_total", {"model": "m", "role": "router", "replica": "r0", "code": "UNAVAILABLE"})
+    assert failed == 0  # known codes are exported before the first failure
+
+
 def test_port_scan_skips_taken_ports():
     reg = CollectorRegistry()
     first = serve_metrics(reg, MetricsConfig(), ports=[0])
