@@ -75,7 +75,7 @@ def setup_tracing(config: TracingConfig | None = None, **attributes) -> bool:
     return True
 
 
-def shutdown_tracing(timeout_ms: int = 5000) -> None:
+def shutdown_tracing(timeout_ms: int = 2000) -> None:
     """Export what is buffered and stop the exporter (replica shutdown)."""
     global _provider
     with _setup_lock:
