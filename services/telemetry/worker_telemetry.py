@@ -95,7 +95,8 @@ class RequestTrace:
             self.prefill = telemetry.start_span("tandem.prefill", self.traceparent, self.attrs)
         self.t_first: float | None = None
         self.queue_seen = False
-        self.num_tokens = 0
+        self.num_tokens = 0  # output tokens of the decode span
+        self.num_later_tokens = 0  # of those, after the decode span's first message (the TPOT base)
         self.num_messages = 0
 
     @property
@@ -119,9 +120,11 @@ class RequestTrace:
             return
         if self.decode is None:
             return
-        if not self.queue_seen:
+        if self.t_first is None:
             self._first_chunk(chunk, self.decode)
             self.t_first = time.perf_counter()
+        else:
+            self.num_later_tokens += len(chunk.token_ids)
         self.num_tokens += len(chunk.token_ids)
         self.num_messages += 1
         if chunk.finish_reason is not None:
@@ -152,8 +155,8 @@ class RequestTrace:
             attrs = {"gen_ai.usage.output_tokens": self.num_tokens, "tandem.stream_messages": self.num_messages}
             if reason is not None:
                 attrs["gen_ai.response.finish_reasons"] = [reason]
-            if self.t_first is not None and self.num_tokens:
-                attrs["tandem.time_per_output_token_s"] = (time.perf_counter() - self.t_first) / self.num_tokens
+            if self.t_first is not None and self.num_later_tokens:
+                attrs["tandem.time_per_output_token_s"] = (time.perf_counter() - self.t_first) / self.num_later_tokens
             span.set_attributes(attrs)
         span.end()
 

@@ -239,6 +239,7 @@ def test_worker_spans_parent_to_the_router_and_each_other(spans, monkeypatch):
     assert prefill.attributes["tandem.replica_id"] == "p0" and decode.attributes["tandem.replica_id"] == "d0"
     assert decode.attributes["gen_ai.usage.output_tokens"] == 3
     assert decode.attributes["gen_ai.response.finish_reasons"] == ("stop",)
+    assert decode.attributes["tandem.stream_messages"] == 2 and decode.attributes["tandem.time_per_output_token_s"] >= 0
     assert {s.context.trace_id for s in exporter.get_finished_spans()} == {int(CLIENT_TRACE, 16)}
     reg = prefill_w.telemetry.metrics.registry
     labels = {"model": "m", "role": "prefill", "replica": "p0"}
