@@ -67,14 +67,18 @@ class PrefixStoreConfig:
                 raise ValueError(f"prefix_store.password_file: cannot read {self.password_file!r}: {exc}") from exc
         return os.environ.get(self.password_env) or None
 
-    def client(self):
-        """A ``redis.asyncio.Redis`` for this config (connects lazily, no retries: the breaker decides)."""
+    def client(self, sync: bool = False):
+        """A ``redis.asyncio.Redis`` (``sync``: a ``redis.Redis``) for this config; connects lazily,
+        no retries (the breaker decides)."""
+        import redis
         import redis.asyncio as aredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
+        from redis.retry import Retry as SyncRetry
 
         options = dict(password=self.password(), socket_timeout=max(self.timeout_s, self.write_timeout_s),
-                       socket_connect_timeout=self.connect_timeout_s, retry=Retry(NoBackoff(), 0))
+                       socket_connect_timeout=self.connect_timeout_s,
+                       retry=SyncRetry(NoBackoff(), 0) if sync else Retry(NoBackoff(), 0))
         if self.url.startswith("rediss://") and self.tls_ca_file:
             options["ssl_ca_certs"] = self.tls_ca_file
-        return aredis.Redis.from_url(self.url, **options)
+        return (redis.Redis if sync else aredis.Redis).from_url(self.url, **options)
