@@ -16,33 +16,12 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+# The contract (services/telemetry/metrics.py) is defined once; re-exported for the dashboard tests.
+from services.telemetry.metrics import CONTRACT
+
 ROOT = Path(__file__).resolve().parents[1]
 GRAFANA = ROOT / "deploy" / "grafana"
 
-# The metric contract of issue 5 (Prometheus names as exposed; counters end in _total).
-# TODO(observability): import these from services/telemetry once it defines them in one place.
-CONTRACT: dict[str, str] = {
-    "tandem_time_to_first_token_seconds": "histogram",
-    "tandem_inter_token_latency_seconds": "histogram",
-    "tandem_e2e_request_latency_seconds": "histogram",
-    "tandem_prompt_tokens_total": "counter",
-    "tandem_generation_tokens_total": "counter",
-    "tandem_requests_finished_total": "counter",
-    "tandem_requests_failed_total": "counter",
-    "tandem_requests_inflight": "gauge",
-    "tandem_request_queue_time_seconds": "histogram",
-    "tandem_requests_running": "gauge",
-    "tandem_requests_waiting": "gauge",
-    "tandem_kv_blocks_used": "gauge",
-    "tandem_kv_blocks_total": "gauge",
-    "tandem_prefix_cache_queries_total": "counter",
-    "tandem_prefix_cache_hits_total": "counter",
-    "tandem_prefix_cache_corrupt_blobs_total": "counter",
-    "tandem_redis_errors_total": "counter",
-    "tandem_redis_breaker_open": "gauge",
-    "tandem_kv_transfer_bytes_total": "counter",
-    "tandem_kv_transfer_seconds": "histogram",
-}
 
 _KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left",
              "group_right", "inf", "nan", "atan2"}
