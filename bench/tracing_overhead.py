@@ -36,6 +36,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cluster_cpu(root_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of ``root_pid`` and its descendants, by process title
+    (Serve replicas: "ray::ServeReplica:tandem:PrefillWorker", ...; the rest summed as "other")."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            title = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        procs[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, title)
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    out: dict[str, float] = {}
+    stack = [root_pid]
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        if pid in procs:
+            _, cpu, title = procs[pid]
+            name = title.split(":")[-1] if title.startswith("ray::ServeReplica") else "other"
+            out[name] = out.get(name, 0.0) + cpu
+    return out
+
+
 def start_server(args, port: int, env: dict, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "router.cli", "serve", "--config", args.config, "--model", args.model,
            "--port", str(port), "--no-redis", "--timeout", "600"]
@@ -96,12 +126,18 @@ def main(argv: list[str] | None = None) -> int:
                 server = start_server(args, port, env, work / f"serve-{mode}-{i}.log")
                 try:
                     load_before = os.getloadavg()[0]
+                    cpu_before = cluster_cpu(server.pid)
                     summary = run_bench(port, work / f"bench-{mode}-{i}.json", extra)
+                    cpu_after = cluster_cpu(server.pid)
                 finally:
                     stop_server(server)
                 row = {"round": i, "tracing": mode, "output_tok_per_s": summary["output_tok_per_s"],
                        "failed": summary["failed"], "ttft_ms": summary["ttft_ms"], "tpot_ms": summary["tpot_ms"],
-                       "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0]}
+                       "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0],
+                       # CPU the cluster spent on the run, per process kind, and per output token
+                       "cluster_cpu_s": {k: round(v - cpu_before.get(k, 0.0), 2) for k, v in cpu_after.items()}}
+                row["cpu_ms_per_token"] = 1000 * sum(row["cluster_cpu_s"].values()) / (
+                    summary["output_tok_per_s"] * summary["duration_s"])
                 results.append(row)
                 print(json.dumps(row), flush=True)
     finally:
@@ -110,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     counts = re.findall(r"spans (\d+)", (work / "receiver.log").read_text())
     off = [r["output_tok_per_s"] for r in results if r["tracing"] == "off"]
     on = [r["output_tok_per_s"] for r in results if r["tracing"] == "on"]
+    cpu_off = [r["cpu_ms_per_token"] for r in results if r["tracing"] == "off"]
+    cpu_on = [r["cpu_ms_per_token"] for r in results if r["tracing"] == "on"]
     report = {"rounds": results, "off_mean": sum(off) / len(off), "on_mean": sum(on) / len(on),
+              "cpu_ms_per_token_off": sum(cpu_off) / len(cpu_off), "cpu_ms_per_token_on": sum(cpu_on) / len(cpu_on),
               "ratio": (sum(on) / len(on)) / (sum(off) / len(off)), "spans_received": int(counts[-1]) if counts else 0,
               "logs": str(work)}
     print(json.dumps({k: v for k, v in report.items() if k != "rounds"}, indent=2))
