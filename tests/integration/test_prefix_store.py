@@ -278,3 +278,28 @@ def test_large_lookups_are_fetched_in_bounded_pipelines(redis_server, rclient, m
 
     got = asyncio.run(main())
     assert calls == [3, 3, 1] and torch.equal(got, kv)
+
+
+def test_lookup_span_carries_the_hit_tokens_by_tier(redis_server, rclient, models):
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):  # none set yet in this process: set one
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider = trace.get_tracer_provider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    a, _ = models
+    cfg = config(redis_server)
+    serve_once(a, cfg, PROMPT)
+    serve_once(a, cfg, PROMPT + [3] * 20)
+    spans = [s for s in exporter.get_finished_spans() if s.name == "tandem.prefix_cache.lookup"]
+    assert len(spans) == 2
+    first, second = (dict(s.attributes) for s in spans)
+    assert first["tandem.prefix_cache.redis_hit_tokens"] == 0 and first["tandem.prefix_cache.lookup_tokens"] == 1008
+    assert second["tandem.prefix_cache.redis_hit_tokens"] == 1024
+    assert second["tandem.prefix_cache.local_hit_tokens"] == 0 and second["tandem.prefix_cache.lookup_tokens"] == 1040
