@@ -44,7 +44,8 @@ def _app_config(name: str, model: str, redis_url: str | None, engine: dict, mode
     from router import launcher
 
     store = {"prefix_store": {"url": redis_url}} if redis_url else {}  # default timeouts
-    yaml, workers = ("pd.yaml", ("PrefillWorker", "DecodeWorker")) if mode == "pd" else ("local.yaml", ("UnifiedWorker",))
+    pd = mode == "pd"
+    yaml, workers = ("pd.yaml", ("PrefillWorker", "DecodeWorker")) if pd else ("local.yaml", ("UnifiedWorker",))
     config = launcher.load_config(DEPLOY / yaml, model=model, port=_free_port(),
                                   overrides={"engine": engine, **store},
                                   deployments={d: {"autoscaling_config": None, "num_replicas": 1} for d in workers})

@@ -104,7 +104,8 @@ class LocalRedisServer:
         self._dir.cleanup()
 
 
-def redis_for_serve(url: str | None, disabled: bool, maxmemory: str) -> tuple[LocalRedisServer | None, dict | None, str]:
+def redis_for_serve(url: str | None, disabled: bool,
+                    maxmemory: str) -> tuple[LocalRedisServer | None, dict | None, str]:
     """The Redis tier of ``tandem serve``: (the server started here or None, the app args'
     ``prefix_store`` section or None = local tier only, one line saying which)."""
     if disabled:
