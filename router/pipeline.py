@@ -4,6 +4,12 @@ A pipeline turns a ``GenerateCall`` into an async iterator of ``StreamChunk``. T
 call in flight is registered on the request's ``Control`` so that an abort, a client
 cancel or a deadline cancels it; Serve then cancels the worker's coroutine, whose engine
 stream aborts the engine request (all its blocks free within one step).
+
+Unified and decode requests are per-request ``submit`` calls whose tokens arrive on the
+router's channel to that replica (router/channels.py: one streamed item per engine step per
+router-worker pair, not one per token per request); prefill is one streamed call per request
+(one item: first token + KV handle). The unified / prefill replica is chosen by prompt
+prefix and load (router/prefix_routing.py), decode by load.
 """
 
 from __future__ import annotations
@@ -40,20 +46,6 @@ class Control:
     def abort(self) -> None:
         self.aborted = True
         self.cancel()
-
-
-async def _stream(response, ctl: Control) -> AsyncIterator[StreamChunk]:
-    """Iterate a streaming handle response; cancel it if left before its last chunk."""
-    ctl.attach(response)
-    finished = False
-    try:
-        async for chunk in response:
-            finished = chunk.finish_reason is not None
-            yield chunk
-    finally:
-        ctl.detach(response)
-        if not finished:
-            response.cancel()
 
 
 async def _gather_stats(handle, num_calls: int) -> list[WorkerStats]:

@@ -137,8 +137,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def _response(rid: str, chunk: StreamChunk, usage: _Usage) -> pb.GenerateResponse:
         usage.completion_tokens = chunk.num_output_tokens or usage.completion_tokens + len(chunk.token_ids)
         usage.cached_prompt_tokens = chunk.num_cached_tokens
-        msg = pb.GenerateResponse(request_id=rid, token_ids=chunk.token_ids, text=chunk.text,
-                                  logprobs=_logprobs(chunk.token_ids, chunk.logprobs))
+        msg = pb.GenerateResponse(request_id=rid, token_ids=chunk.token_ids, text=chunk.text)
+        if chunk.logprobs is not None:  # per token, hot path: build logprob messages only when asked
+            msg.logprobs.extend(_logprobs(chunk.token_ids, chunk.logprobs))
         if chunk.finish_reason is not None:
             msg.finish_reason = chunk.finish_reason
             msg.usage.CopyFrom(usage.proto())
