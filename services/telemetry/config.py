@@ -9,7 +9,7 @@ chart or a shell export configures every process the same way):
                                         parentbased_always_on, always_on, always_off, ...
     OTEL_TRACES_SAMPLER_ARG             ratio for the *traceidratio samplers [1.0]
     OTEL_SERVICE_NAME                   service.name resource attribute [tandem]
-    OTEL_SDK_DISABLED=true              tracing off whatever else is set
+    OTEL_SDK_DISABLED=true, OTEL_TRACES_EXPORTER=none   tracing off whatever else is set
     OTEL_BSP_SCHEDULE_DELAY, OTEL_EXPORTER_OTLP_INSECURE, ...  read by the SDK itself
 
 Metrics (Prometheus text over HTTP, one endpoint per process):
@@ -48,8 +48,10 @@ class TracingConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "TracingConfig":
         env = os.environ if env is None else env
-        endpoint = (env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "").strip()
-        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or env.get("OTEL_TRACES_EXPORTER", "").strip() == "none":
+        endpoint = (env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                    or "").strip()
+        disabled = env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+        if disabled or env.get("OTEL_TRACES_EXPORTER", "").strip() == "none":
             endpoint = ""
         sampler = (env.get("OTEL_TRACES_SAMPLER") or "parentbased_traceidratio").strip().lower()
         if sampler not in SAMPLERS:
