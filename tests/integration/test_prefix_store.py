@@ -303,3 +303,67 @@ def test_lookup_span_carries_the_hit_tokens_by_tier(redis_server, rclient, model
     assert first["tandem.prefix_cache.redis_hit_tokens"] == 0 and first["tandem.prefix_cache.lookup_tokens"] == 1008
     assert second["tandem.prefix_cache.redis_hit_tokens"] == 1024
     assert second["tandem.prefix_cache.local_hit_tokens"] == 0 and second["tandem.prefix_cache.lookup_tokens"] == 1040
+
+
+def _tls_certs(d):
+    """A CA and a server certificate for 127.0.0.1 (openssl CLI)."""
+    import subprocess
+
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+        "-subj", "/CN=tandem-test-ca")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+        "server.crt", "-days", "1", "-extfile", "ext.cnf")
+
+
+def test_tls_rediss_url_with_a_ca_file(tmp_path):
+    import shutil
+    import socket
+    import subprocess
+
+    from services.prefix_store.server import find_redis_server
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not installed")
+    _tls_certs(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([find_redis_server(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                             "--tls-cert-file", str(tmp_path / "server.crt"), "--tls-key-file",
+                             str(tmp_path / "server.key"), "--tls-ca-cert-file", str(tmp_path / "ca.crt"),
+                             "--tls-auth-clients", "no", "--save", "", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < end and proc.poll() is None, "TLS redis-server did not start"
+                time.sleep(0.05)
+        layout = BlockLayout("float32", (2, 2, BS, 2, 16))
+        kv = torch.randn((2, 2, 3, BS, 2, 16))
+        hashes = [bytes([i]) * 32 for i in range(3)]
+
+        async def roundtrip(**tls):
+            store = PrefixStore(PrefixStoreConfig(url=f"rediss://127.0.0.1:{port}/0", **tls), "tls", layout)
+            try:
+                store.submit(hashes, kv)
+                await store.flush()
+                return await store.lookup(hashes), store.stats()["errors"]
+            finally:
+                await store.close()
+
+        got, errors = asyncio.run(roundtrip(tls_ca_file=str(tmp_path / "ca.crt")))
+        assert torch.equal(got, kv) and errors == {}
+        got, errors = asyncio.run(roundtrip())  # the system CAs do not trust our test CA: refused, a miss
+        assert got.shape[2] == 0 and errors.get("set") == 1 and errors.get("exists") == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
