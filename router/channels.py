@@ -74,6 +74,7 @@ class ReplicaLink:
         self.replica_id = replica_id
         self.inboxes: dict[str, Inbox] = {}
         self.closed = False
+        self.retired = False  # the replica left the set (draining): close once its requests ended
         self._response = handle.options(stream=True).channel.remote(route=Route(router_id, replica_id))
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -133,7 +134,10 @@ class WorkerDispatch:
 
     def _forget_gone(self, current: set[str]) -> None:
         for rid in [r for r in self.links if r not in current]:
-            self.links.pop(rid).close()
+            link = self.links.pop(rid)
+            link.retired = True  # a draining replica finishes its requests: keep their channel till then
+            if not link.inboxes:
+                link.close()
         for rid in [r for r in self._keys if r not in current]:
             del self._keys[rid]
 
@@ -191,6 +195,8 @@ class WorkerDispatch:
                 response.cancel()
             watcher.cancel()
             link.inboxes.pop(request_id, None)
+            if link.retired and not link.inboxes:
+                link.close()
             self.inflight[replica_id] -= 1
             if self.inflight[replica_id] <= 0:
                 del self.inflight[replica_id]
