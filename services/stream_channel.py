@@ -19,6 +19,7 @@ request, so a slow reader gets fewer, larger chunks and never an unbounded queue
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
@@ -32,8 +33,9 @@ def merge_chunks(a: StreamChunk, b: StreamChunk) -> StreamChunk:
     lp = None
     if a.logprobs is not None or b.logprobs is not None:
         lp = (a.logprobs or []) + (b.logprobs or [])
-    return StreamChunk(a.token_ids + b.token_ids, a.text + b.text, lp, b.finish_reason, b.num_prompt_tokens,
-                       b.num_cached_tokens, b.num_output_tokens, b.traceparent)
+    # Everything else (counts, finish, tier split) is the later chunk's; queue time is set once.
+    return dataclasses.replace(b, token_ids=a.token_ids + b.token_ids, text=a.text + b.text, logprobs=lp,
+                               queue_time_s=a.queue_time_s if a.queue_time_s is not None else b.queue_time_s)
 
 
 class Outbox:

@@ -20,6 +20,13 @@ def test_merge_keeps_order_and_the_later_counters():
     assert m.logprobs == [{1: -0.1}, {2: -1}, {3: -2}]
 
 
+def test_merge_keeps_the_tier_split_and_the_first_queue_time():
+    first = StreamChunk([1], "a", None, None, 40, 32, 1, "", num_redis_cached_tokens=16, queue_time_s=0.25)
+    later = StreamChunk([2], "b", None, "stop", 40, 32, 2, "", num_redis_cached_tokens=16)
+    m = merge_chunks(first, later)
+    assert (m.num_cached_tokens, m.num_redis_cached_tokens, m.queue_time_s) == (32, 16, 0.25)
+
+
 def test_outbox_holds_one_merged_chunk_per_request():
     box = Outbox()
     box.put("a", chunk([1], "x"))
