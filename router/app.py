@@ -12,7 +12,7 @@
     engine: {...}               # EngineOptions of every worker
     prefill_engine: {...}       # overrides for PrefillWorker (pd mode)
     decode_engine: {...}        # overrides for DecodeWorker (pd mode)
-    router: {max_inflight_requests: N, max_prompt_bytes: N}
+    router: {max_inflight_requests: N, max_prompt_bytes: N, prefix_routing: true}  # false: least load only
     prefix_store: {url: redis://127.0.0.1:6379, ttl_s: 3600, timeout_s: 0.5, ...}
                                 # Redis tier of the prefix cache (services/prefix_store/config.py);
                                 # absent or null = local tier only
@@ -33,7 +33,7 @@ from services.prefix_store.config import PrefixStoreConfig
 from services.workers import DecodeWorker, PrefillWorker, UnifiedWorker
 
 MODES = ("unified", "pd")
-_ROUTER_KEYS = ("max_inflight_requests", "max_prompt_bytes", "max_message_bytes", "grace_s")
+_ROUTER_KEYS = ("max_inflight_requests", "max_prompt_bytes", "max_message_bytes", "grace_s", "prefix_routing")
 
 
 @dataclass(frozen=True)

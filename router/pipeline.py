@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from router.channels import WorkerDispatch, is_wrong_replica
-from router.prefix_routing import prompt_keys
+from router.prefix_routing import BalanceConfig, prompt_keys
 from services.types import DecodeCall, GenerateCall, ModelInfo, StreamChunk, WorkerStats
 
 
@@ -79,9 +79,9 @@ async def _submit(dispatch: WorkerDispatch, call, request_id: str, ctl: Control,
 class UnifiedPipeline:
     """One worker does prefill and decode (no KV transfer)."""
 
-    def __init__(self, worker):
+    def __init__(self, worker, balance: BalanceConfig = BalanceConfig()):
         self.worker = worker
-        self.dispatch = WorkerDispatch(worker)
+        self.dispatch = WorkerDispatch(worker, balance)
         self.info: ModelInfo | None = None
 
     async def model_info(self) -> ModelInfo:
@@ -99,11 +99,11 @@ class UnifiedPipeline:
 class PrefillDecodePipeline:
     """Prefill on one deployment, KV through the transfer backend, decode on another."""
 
-    def __init__(self, prefill, decode):
+    def __init__(self, prefill, decode, balance: BalanceConfig = BalanceConfig()):
         self.prefill = prefill
         self.decode = decode
         self._prefill_stream = prefill.options(stream=True)
-        self.prefill_dispatch = WorkerDispatch(prefill)
+        self.prefill_dispatch = WorkerDispatch(prefill, balance)
         self.decode_dispatch = WorkerDispatch(decode, router_id=self.prefill_dispatch.router_id)
         self.info: ModelInfo | None = None
 

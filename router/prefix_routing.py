@@ -69,6 +69,7 @@ class BalanceConfig:
 
     abs_slack: int = 8  # a replica up to this many requests above the least-loaded one may still win on prefix
     rel_slack: float = 1.5  # ... or up to this factor above it
+    prefix_aware: bool = True  # False: least load only (a prefix-blind balancer, for comparison)
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def choose_replica(replicas: Sequence[ReplicaView], prompt_keys: Sequence[int],
     best, best_rank = None, None
     for r in order:
         balanced = r.load <= min_load + config.abs_slack or r.load <= min_load * config.rel_slack
-        match = matched_blocks(prompt_keys, r.cached_keys) if balanced else 0
+        match = matched_blocks(prompt_keys, r.cached_keys) if balanced and config.prefix_aware else 0
         rank = (-match, r.load)
         if best_rank is None or rank < best_rank:
             best, best_rank = (r, match), rank

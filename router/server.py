@@ -20,6 +20,7 @@ from protos.tandem.v1 import admin_pb2, admin_pb2_grpc
 from protos.tandem.v1 import generation_pb2 as pb
 from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
 from router.pipeline import PrefillDecodePipeline, UnifiedPipeline
+from router.prefix_routing import BalanceConfig
 from router.servicer import AdminServicer, AdmissionLimits, GenerationServicer
 from router.validation import Limits, RequestValidator
 from services.engine.tokenizer import Tokenizer
@@ -41,6 +42,7 @@ class RouterConfig:
     max_prompt_bytes: int = 1 << 20  # text prompts larger than this: INVALID_ARGUMENT
     max_message_bytes: int = 64 << 20  # gRPC receive limit (above it the transport rejects the call)
     grace_s: float = 2.0  # how long in-flight streams may finish on shutdown
+    prefix_routing: bool = True  # prefill/unified replica by longest cached prefix; False: least load only
 
 
 async def start_grpc_server(generation: GenerationServicer, admin: AdminServicer, config: RouterConfig):
@@ -68,10 +70,11 @@ async def start_grpc_server(generation: GenerationServicer, admin: AdminServicer
                   health_check_period_s=5, graceful_shutdown_timeout_s=5)
 class Router:
     async def __init__(self, config: RouterConfig, unified=None, prefill=None, decode=None):
+        balance = BalanceConfig(prefix_aware=config.prefix_routing)
         if unified is not None:
-            self.pipeline = UnifiedPipeline(unified)
+            self.pipeline = UnifiedPipeline(unified, balance)
         else:
-            self.pipeline = PrefillDecodePipeline(prefill, decode)
+            self.pipeline = PrefillDecodePipeline(prefill, decode, balance)
         self.config = config
         info = await self.pipeline.model_info()
         validator = RequestValidator(info, Tokenizer(config.model), Limits(config.max_prompt_bytes))

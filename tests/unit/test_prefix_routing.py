@@ -31,6 +31,11 @@ def test_longest_prefix_wins_when_loads_are_balanced():
     assert (choice.replica_id, choice.matched_blocks, choice.reason) == ("b", 5, "prefix")
 
 
+def test_prefix_blind_config_picks_by_load_only():
+    choice = choose_replica([view("a", 2, 1), view("b", 3, 5), view("c", 1, 0)], KEYS, BalanceConfig(prefix_aware=False))
+    assert (choice.replica_id, choice.matched_blocks, choice.reason) == ("c", 0, "load")
+
+
 def test_equal_prefix_goes_to_the_lower_load():
     assert choose_replica([view("a", 4, 6), view("b", 1, 6)], KEYS).replica_id == "b"
 
