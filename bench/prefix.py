@@ -40,25 +40,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _app_config(name: str, model: str, redis_url: str | None, engine: dict, mode: str) -> dict:
+def _app_config(name: str, model: str, redis_url: str | None, engine: dict, mode: str, replicas: int = 1,
+                prefix_routing: bool = True) -> dict:
+    """One app's Serve config; ``replicas`` prompt-side replicas (prefill or unified), one decode."""
     from router import launcher
 
     store = {"prefix_store": {"url": redis_url}} if redis_url else {}  # default timeouts
     pd = mode == "pd"
-    yaml, workers = ("pd.yaml", ("PrefillWorker", "DecodeWorker")) if pd else ("local.yaml", ("UnifiedWorker",))
+    yaml, prompt_side = ("pd.yaml", "PrefillWorker") if pd else ("local.yaml", "UnifiedWorker")
+    workers = {prompt_side: replicas, **({"DecodeWorker": 1} if pd else {})}
     config = launcher.load_config(DEPLOY / yaml, model=model, port=_free_port(),
-                                  overrides={"engine": engine, **store},
-                                  deployments={d: {"autoscaling_config": None, "num_replicas": 1} for d in workers})
+                                  overrides={"engine": engine, "router": {"prefix_routing": prefix_routing}, **store},
+                                  deployments={d: {"autoscaling_config": None, "num_replicas": n}
+                                               for d, n in workers.items()})
     config["applications"][0]["name"] = name
     config["applications"][0]["logging_config"] = {"enable_access_log": False, "log_level": "WARNING"}
     return config
 
 
-def deploy_apps(model: str, redis_url: str | None, names: list[str], engine: dict, mode: str) -> dict[str, str]:
-    """Deploy one app (``mode`` pd or unified) per name on the connected Ray head; {name: gRPC address}."""
+def deploy_apps(model: str, redis_url: str | None, names: list[str], engine: dict, mode: str,
+                **app_options) -> dict[str, str]:
+    """Deploy one app (``mode`` pd or unified) per name on the connected Ray head; {name: gRPC address}.
+    ``app_options``: ``replicas``, ``prefix_routing`` of ``_app_config``."""
     from router import launcher
 
-    configs = {n: _app_config(f"tandem-{n.lower()}", model, redis_url, engine, mode) for n in names}
+    configs = {n: _app_config(f"tandem-{n.lower()}", model, redis_url, engine, mode, **app_options) for n in names}
     merged = copy.deepcopy(next(iter(configs.values())))
     merged["applications"] = [c["applications"][0] for c in configs.values()]
     launcher.deploy(merged, timeout_s=600)
@@ -151,7 +157,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-gb", type=float, default=1.0)
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--workload", choices=["ttft", "chat"], default="ttft")
+    p.add_argument("--workload", choices=["ttft", "chat", "chat-routed"], default="ttft",
+                   help="chat: turns alternate between two apps, Redis vs local only; chat-routed: one app with "
+                        "two replicas, prefix routing + Redis vs prefix-blind routing without Redis")
     p.add_argument("--mode", choices=["pd", "unified"], default="pd", help="deploy/pd.yaml or deploy/local.yaml apps")
     p.add_argument("--conversations", type=int, default=16, help="chat: conversations at once")
     p.add_argument("--turns", type=int, default=8, help="chat: turns per conversation")
@@ -160,15 +168,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def serve_and_run(args, redis_url: str | None, fn) -> dict:
-    """Start Ray, deploy apps A and B (Redis tier at ``redis_url``, None = local only), run
+def serve_and_run(args, redis_url: str | None, fn, names=("A", "B"), **app_options) -> dict:
+    """Start Ray, deploy apps ``names`` (Redis tier at ``redis_url``, None = local only), run
     ``fn(args, addresses)``, stop Ray."""
     from router import launcher
 
     launcher.start_local_ray(num_cpus=16)
     try:
         engine = {"block_size": args.block_size, "kv_cache_memory_gb": args.kv_cache_gb}
-        addresses = deploy_apps(args.model, redis_url, ["A", "B"], engine, args.mode)
+        addresses = deploy_apps(args.model, redis_url, list(names), engine, args.mode, **app_options)
         return asyncio.run(fn(args, addresses))
     finally:
         launcher.shutdown()
@@ -184,12 +192,32 @@ def chat_main(args) -> dict:
     with LocalRedisServer(maxmemory="1gb") as redis_url:
         results["redis"] = serve_and_run(args, redis_url, run_chat)
     results["local_only"] = serve_and_run(args, None, run_chat)
+    print_chat(results)
+    return results
+
+
+def chat_routed_main(args) -> dict:
+    """One app, two prompt-side replicas behind one router: prefix routing + Redis vs a
+    prefix-blind (least-load) choice with the local tier only."""
+    from bench.prefix_chat import run_chat
+    from services.prefix_store.server import LocalRedisServer
+
+    if args.output_len == 4:
+        args.output_len = 32
+    results = {}
+    with LocalRedisServer(maxmemory="1gb") as redis_url:
+        results["routing+redis"] = serve_and_run(args, redis_url, run_chat, ("A",), replicas=2)
+    results["blind,local"] = serve_and_run(args, None, run_chat, ("A",), replicas=2, prefix_routing=False)
+    print_chat(results)
+    return results
+
+
+def print_chat(results: dict) -> None:
     for name, r in results.items():
         print(f"{name:10s}: {r['requests']} requests in {r['wall_s']:.1f}s, {r['throughput_tok_s']:.1f} output tok/s, "
               f"TTFT p50 {r['ttft_s']['p50']:.3f}s p99 {r['ttft_s']['p99']:.3f}s, prompt tokens from cache: "
               f"local {r['hit_rate_local']:.1%} redis {r['hit_rate_redis']:.1%} "
               f"(usage total {r['cached_prompt_tokens']}/{r['prompt_tokens']})", flush=True)
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     args.vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
-    if args.workload == "chat":
-        result = chat_main(args)
+    if args.workload in ("chat", "chat-routed"):
+        result = chat_main(args) if args.workload == "chat" else chat_routed_main(args)
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), **result}, indent=2))
         return 0

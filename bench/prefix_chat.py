@@ -5,7 +5,10 @@ sends its next turn when the previous one ended). Every prompt is a shared
 ``--system-len``-token system prompt, then the conversation's history (user turns of
 ``--user-len`` random tokens and the tokens the model answered), then the new user turn.
 
-Two pd apps (A and B) serve it; turn t of conversation c goes to app ``(c + t) % 2``: a
+``--workload chat-routed``: one app whose router spreads the turns over two prompt-side
+replicas, with prefix routing + Redis, then prefix-blind (least load) with the local tier only.
+
+``--workload chat``: two apps (A and B) serve it; turn t of conversation c goes to app ``(c + t) % 2``: a
 replica choice that ignores where prefixes are (what a prefix-blind load balancer does
 half of the time). So a turn's history is in the *other* replica's local cache, and only
 the Redis tier can serve it. Run once with Redis and once without (``--no-redis``) and
@@ -34,7 +37,7 @@ async def conversation(stubs, c: int, args, system: list[int], rng: random.Rando
             max_tokens=args.output_len, temperature=0, ignore_eos=True))
         t0 = time.perf_counter()
         first, answer, cached = None, [], 0
-        async for msg in stubs[(c + t) % 2].Generate(req, timeout=600):
+        async for msg in stubs[(c + t) % len(stubs)].Generate(req, timeout=600):
             first = first if first is not None else time.perf_counter() - t0
             answer += list(msg.token_ids)
             cached = msg.usage.cached_prompt_tokens or cached
@@ -56,7 +59,7 @@ def prefix_counters(addresses: dict[str, str]) -> dict[str, float]:
         with grpc.insecure_channel(address) as ch:
             stats = admin_pb2_grpc.AdminStub(ch).GetWorkerStats(admin_pb2.GetWorkerStatsRequest(), timeout=30).workers
         for s in stats:
-            if s.role != "prefill" or not s.metrics_address:
+            if s.role not in ("prefill", "unified") or not s.metrics_address:
                 continue
             text = urllib.request.urlopen(f"http://{s.metrics_address}/metrics", timeout=5).read().decode()
             for m in re.finditer(r'^tandem_prefix_cache_(queries|hits)_total\{[^}]*tier="(\w+)"[^}]*\} (\S+)$', text,
@@ -75,12 +78,16 @@ async def run_chat(args, addresses: dict[str, str]) -> dict:
     system = [rng.randrange(4, args.vocab) for _ in range(args.system_len)]
     out = {"ttft": [], "output_tokens": 0, "prompt_tokens": 0, "cached_tokens": 0}
     before = prefix_counters(addresses)
-    async with grpc.aio.insecure_channel(addresses["A"]) as ca, grpc.aio.insecure_channel(addresses["B"]) as cb:
-        stubs = [pb_grpc.GenerationStub(ca), pb_grpc.GenerationStub(cb)]
+    channels = [grpc.aio.insecure_channel(a) for a in addresses.values()]
+    try:
+        stubs = [pb_grpc.GenerationStub(ch) for ch in channels]
         t0 = time.perf_counter()
         await asyncio.gather(*(conversation(stubs, c, args, system, random.Random(args.seed * 1000 + c), out)
                                for c in range(args.conversations)))
         wall = time.perf_counter() - t0
+    finally:
+        for ch in channels:
+            await ch.close()
     after = prefix_counters(addresses)
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     return {"wall_s": wall, "requests": len(out["ttft"]), "throughput_tok_s": out["output_tokens"] / wall,
