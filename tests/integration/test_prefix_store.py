@@ -306,29 +306,42 @@ def test_lookup_span_carries_the_hit_tokens_by_tier(redis_server, rclient, model
 
 
 def _tls_certs(d):
-    """A CA and a server certificate for 127.0.0.1 (openssl CLI)."""
-    import subprocess
+    """A CA and a server certificate for 127.0.0.1 (``cryptography``): ca.crt, server.crt, server.key."""
+    import datetime
+    import ipaddress
 
-    def run(*args):
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
-        "-subj", "/CN=tandem-test-ca")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
-    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
-        "server.crt", "-days", "1", "-extfile", "ext.cnf")
+    def cert(subject, issuer, key, signer, **ext):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+             .not_valid_after(now + datetime.timedelta(days=1)))
+        for extension, critical in ext.values():
+            b = b.add_extension(extension, critical=critical)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tandem-test-ca")])
+    ca = cert(ca_name, ca_name, ca_key, ca_key, bc=(x509.BasicConstraints(ca=True, path_length=None), True))
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    server = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), ca_name, key, ca_key,
+                  san=(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False))
+    (d / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (d / "server.crt").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    (d / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                     serialization.NoEncryption()))
 
 
 def test_tls_rediss_url_with_a_ca_file(tmp_path):
-    import shutil
     import socket
     import subprocess
 
     from services.prefix_store.server import find_redis_server
 
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not installed")
     _tls_certs(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
