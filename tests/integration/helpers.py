@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from contextlib import contextmanager
@@ -46,6 +47,46 @@ def serve_app(config_file: str, model: str, overrides: dict | None = None, deplo
     config["applications"][0]["logging_config"] = {"enable_access_log": False}  # quieter test output
     with ray_head():
         yield launcher.deploy(config)
+
+
+@contextmanager
+def environment(**values):
+    """Set environment variables for the block (Ray's head and workers are started inside it)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def tandem_serve(model: str, port: int, log: Path, *extra: str, timeout_s: float = 180):
+    """Run ``tandem serve --config deploy/local.yaml`` as a child process (own session) until it
+    prints "serving"; yield the process; kill its process group if it is still running at the end."""
+    import signal
+    import subprocess
+    import sys
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--config", str(DEPLOY / "local.yaml"),
+                                 "--model", model, "--port", str(port), *extra], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        end = time.monotonic() + timeout_s
+        while "serving" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < end, "tandem serve did not come up"
+            time.sleep(0.5)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 # ---- gRPC helpers ------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 back to 1 once the load stops."""
 
 import asyncio
-import os
 import threading
 import time
 
@@ -12,7 +11,7 @@ from ray import serve
 
 from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
 from tests.integration.contract import long_request
-from tests.integration.helpers import TINY_ENGINE, serve_app, wait_all_free
+from tests.integration.helpers import TINY_ENGINE, environment, serve_app, wait_all_free
 
 FAST_METRICS = {"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
                 "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
@@ -23,18 +22,9 @@ DECODE_AUTOSCALING = {"autoscaling_config": {
 
 @pytest.fixture(scope="module")
 def address(tiny_model):
-    saved = {k: os.environ.get(k) for k in FAST_METRICS}
-    os.environ.update(FAST_METRICS)  # inherited by the Ray processes this module starts
-    try:
-        with serve_app("pd.yaml", tiny_model, {"engine": TINY_ENGINE},
-                       deployments={"DecodeWorker": DECODE_AUTOSCALING}) as addr:
-            yield addr
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with environment(**FAST_METRICS), serve_app("pd.yaml", tiny_model, {"engine": TINY_ENGINE},  # inherited by Ray
+                                                 deployments={"DecodeWorker": DECODE_AUTOSCALING}) as addr:
+        yield addr
 
 
 def decode_replicas() -> int:

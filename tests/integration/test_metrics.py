@@ -17,8 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from protos.tandem.v1 import admin_pb2, admin_pb2_grpc
 from tests.dashboard_queries import dashboard_paths, load, metric_names, queries
-from tests.integration.helpers import TINY_ENGINE, free_port, request, run_concurrently, wait_all_free
-from tests.integration.test_tracing import environment
+from tests.integration.helpers import TINY_ENGINE, environment, free_port, request, run_concurrently, wait_all_free
 
 N, PROMPT, MAX_TOKENS = 6, list(range(30, 70)), 5  # 40-token prompts: 2 full blocks of 16
 ROUTER_METRICS = {"tandem_time_to_first_token_seconds", "tandem_inter_token_latency_seconds",

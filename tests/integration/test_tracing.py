@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -19,24 +18,9 @@ import pytest
 
 from bench.otlp_receiver import OtlpTraceReceiver
 from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
-from tests.integration.helpers import TINY_ENGINE, free_port, request
+from tests.integration.helpers import TINY_ENGINE, environment, free_port, request
 
 SERVER, ERROR = 2, 2  # Span.SpanKind.SPAN_KIND_SERVER, Status.STATUS_CODE_ERROR
-
-
-@contextmanager
-def environment(**values):
-    """Set environment variables for the block (Ray's head and workers are started inside it)."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def otel_env(endpoint: str) -> dict:
