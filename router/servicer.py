@@ -105,7 +105,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     obs.on_chunk(chunk)
                     if chunk.finish_reason is not None:
                         _set_routed(context, ctl, obs.trailing_metadata())
-                    yield self._response(rid, chunk, usage)
+                    response = self._response(rid, chunk, usage)
+                    obs.handed_over(chunk)  # the router token delay ends here
+                    yield response
             except (asyncio.CancelledError, Exception) as exc:
                 if not ctl.aborted or _being_cancelled():
                     raise

@@ -23,6 +23,7 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
+from services.engine.outputs import earliest
 from services.types import ChunkBatch, Route, StreamChunk, WrongReplicaError
 
 log = logging.getLogger("tandem.worker")
@@ -33,9 +34,11 @@ def merge_chunks(a: StreamChunk, b: StreamChunk) -> StreamChunk:
     lp = None
     if a.logprobs is not None or b.logprobs is not None:
         lp = (a.logprobs or []) + (b.logprobs or [])
-    # Everything else (counts, finish, tier split) is the later chunk's; queue time is set once.
+    # Everything else (counts, finish, tier split) is the later chunk's; queue time is set once;
+    # the emission stamp is the oldest token's (the delay of a merged chunk is its oldest token's).
     return dataclasses.replace(b, token_ids=a.token_ids + b.token_ids, text=a.text + b.text, logprobs=lp,
-                               queue_time_s=a.queue_time_s if a.queue_time_s is not None else b.queue_time_s)
+                               queue_time_s=a.queue_time_s if a.queue_time_s is not None else b.queue_time_s,
+                               emitted_at=earliest(a.emitted_at, b.emitted_at))
 
 
 class Outbox:

@@ -43,7 +43,7 @@ log = logging.getLogger("tandem.worker")
 def to_stream_chunk(c: TokenChunk, traceparent: str = "") -> StreamChunk:
     return StreamChunk(c.token_ids, c.text, c.logprobs, c.finish_reason, c.num_prompt_tokens,
                        c.num_cached_tokens, c.num_output_tokens, traceparent, queue_time_s=c.queue_time_s,
-                       num_redis_cached_tokens=c.num_imported_cached_tokens)
+                       num_redis_cached_tokens=c.num_imported_cached_tokens, emitted_at=c.emitted_at)
 
 
 @asynccontextmanager

@@ -90,12 +90,15 @@ class Layout:
 
 def fleet_rows(d: Layout) -> None:
     d.add_row("Latency SLOs")
-    d.add("Time to first token", quantiles("tandem_time_to_first_token_seconds"), "s",
+    d.add("Time to first token", quantiles("tandem_time_to_first_token_seconds"), "s", width=6,
           description="Router: request arrival to the first streamed token.")
-    d.add("Inter-token latency", quantiles("tandem_inter_token_latency_seconds"), "s",
+    d.add("Inter-token latency", quantiles("tandem_inter_token_latency_seconds"), "s", width=6,
           description="Router: time between consecutive streamed tokens.")
-    d.add("End-to-end latency", quantiles("tandem_e2e_request_latency_seconds"), "s",
+    d.add("End-to-end latency", quantiles("tandem_e2e_request_latency_seconds"), "s", width=6,
           description="Router: request arrival to the last token.")
+    d.add("Router token delay", quantiles("tandem_router_token_delay_seconds"), "s", width=6,
+          description="Engine output to the response message handed to the client's gRPC stream (worker event "
+                      "loop, Ray streaming transport, router demux and encoding), per message with tokens.")
 
     d.add_row("Throughput")
     d.add("Tokens / s", [(rate("tandem_prompt_tokens_total"), "prompt"),

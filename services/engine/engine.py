@@ -212,6 +212,9 @@ class LLMEngine:
         for i, rid in enumerate(result.request_ids):
             lp = result.sample.logprobs[i]
             chunks.append(self._append_token(requests[rid], result.sample.token_ids[i], lp))
+        emitted_at = time.time()  # the step's output is ready (wall clock: compared in other processes)
+        for c in chunks:
+            c.emitted_at = emitted_at
         return chunks
 
     def _append_token(self, req: Request, token: int, logprob: dict[int, float] | None) -> TokenChunk:

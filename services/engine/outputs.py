@@ -35,13 +35,15 @@ class TokenChunk:
     num_output_tokens: int = 0  # output tokens so far, this chunk included
     queue_time_s: float | None = None  # arrival in the engine -> first scheduled (None until scheduled)
     num_imported_cached_tokens: int = 0  # of num_cached_tokens, imported from an external tier (Redis)
+    emitted_at: float | None = None  # time.time() when the engine produced this output (for the serving-delay metric)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
     def merge(self, later: "TokenChunk") -> "TokenChunk":
-        """One chunk carrying this chunk's output followed by ``later``'s."""
+        """One chunk carrying this chunk's output followed by ``later``'s; its ``emitted_at`` is the
+        earlier stamp (the delay of a merged chunk is the delay of its oldest token)."""
         lp = None
         if self.logprobs is not None or later.logprobs is not None:
             lp = (self.logprobs or []) + (later.logprobs or [])
@@ -49,4 +51,11 @@ class TokenChunk:
                           later.finish_reason, later.stop_reason, later.num_prompt_tokens,
                           later.num_cached_tokens, later.num_output_tokens,
                           self.queue_time_s if self.queue_time_s is not None else later.queue_time_s,
-                          later.num_imported_cached_tokens)
+                          later.num_imported_cached_tokens, earliest(self.emitted_at, later.emitted_at))
+
+
+def earliest(a: float | None, b: float | None) -> float | None:
+    """The earlier of two optional timestamps (None when both are None)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return min(a, b)

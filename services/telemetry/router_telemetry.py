@@ -3,7 +3,8 @@ request-level Prometheus metrics.
 
 One ``RequestTelemetry`` per Generate call (the servicer drives it):
 
-    start(metadata) -> dispatched(call) -> on_chunk(chunk)... -> finished | failed | cancelled -> end()
+    start(metadata) -> dispatched(call) -> (on_chunk(chunk), handed_over(chunk))...
+        -> finished | failed | cancelled -> end()
 
 Spans: ``tandem.generate`` (SERVER, the whole request, continuing the client's W3C
 ``traceparent`` metadata or starting a trace) with ``tandem.route`` under it (the router's
@@ -127,6 +128,17 @@ class RequestTelemetry:
         self.num_output_tokens = chunk.num_output_tokens or self.num_output_tokens + n
         if chunk.finish_reason is not None:
             self.finished(chunk.finish_reason, chunk.num_cached_tokens)
+
+    def handed_over(self, chunk) -> None:
+        """The response message built from ``chunk`` goes to gRPC now: observe the token delay
+        (``tandem_router_token_delay_seconds``) of a message that carries tokens.
+
+        ``chunk.emitted_at`` is the engine's ``time.time()`` when it produced the oldest token of
+        the chunk, in the worker's process; both ends read the same clock on one machine (across
+        machines the clocks' offset is in the value; a negative difference counts as 0).
+        """
+        if chunk.token_ids and chunk.emitted_at is not None:
+            self.metrics.token_delay.observe(max(time.time() - chunk.emitted_at, 0.0))
 
     def _observe_itl(self, gap: float, n: int) -> None:
         per_token = gap / n

@@ -27,6 +27,21 @@ def test_merge_keeps_the_tier_split_and_the_first_queue_time():
     assert (m.num_cached_tokens, m.num_redis_cached_tokens, m.queue_time_s) == (32, 16, 0.25)
 
 
+def test_merge_keeps_the_earliest_emission_stamp():
+    def stamped(ids, at):
+        return StreamChunk(list(ids), emitted_at=at)
+
+    assert merge_chunks(stamped([1], 10.0), stamped([2], 11.0)).emitted_at == 10.0
+    assert merge_chunks(stamped([1], 11.0), stamped([2], 10.0)).emitted_at == 10.0  # out of order: still the oldest
+    assert merge_chunks(stamped([1], None), stamped([2], 11.0)).emitted_at == 11.0
+    assert merge_chunks(stamped([1], 10.0), stamped([], None)).emitted_at == 10.0  # e.g. an abort chunk after it
+    assert merge_chunks(stamped([1], None), stamped([2], None)).emitted_at is None
+    box = Outbox()
+    for i, at in enumerate((5.0, 6.0, 7.0)):
+        box.put("a", stamped([i], at))
+    assert box.take()[0][1].emitted_at == 5.0
+
+
 def test_outbox_holds_one_merged_chunk_per_request():
     box = Outbox()
     box.put("a", chunk([1], "x"))

@@ -131,6 +131,26 @@ def test_router_request_span_and_metrics(spans):
     assert reg.get_sample_value("tandem_requests_inflight", labels) == 0
 
 
+def test_router_token_delay_is_observed_per_message_with_tokens(spans):
+    _, tracer = spans
+    rt = RouterTelemetry(Identity("m", "router", "r0"), tracer=tracer)
+    obs = rt.start([])
+    now = time.time()
+    obs.handed_over(StreamChunk([7], emitted_at=now - 0.003))  # 3 ms old
+    obs.handed_over(StreamChunk([8, 9], emitted_at=now - 0.0003))  # merged: its oldest token's stamp, one sample
+    obs.handed_over(StreamChunk([], finish_reason="abort", emitted_at=now - 5))  # no tokens: not observed
+    obs.handed_over(StreamChunk([10]))  # no stamp (e.g. an older worker): not observed
+    obs.end()
+    reg, labels = rt.metrics.registry, {"model": "m", "role": "router", "replica": "r0"}
+
+    def bucket(le):
+        return reg.get_sample_value("tandem_router_token_delay_seconds_bucket", {**labels, "le": le})
+
+    assert reg.get_sample_value("tandem_router_token_delay_seconds_count", labels) == 2
+    assert 0.0033 <= reg.get_sample_value("tandem_router_token_delay_seconds_sum", labels) < 0.5
+    assert (bucket("0.00025"), bucket("0.0005"), bucket("0.002"), bucket("0.005")) == (0, 1, 1, 2)
+
+
 def test_router_failed_request_has_error_status(spans):
     exporter, tracer = spans
     rt = RouterTelemetry(Identity("m", "router", "r0"), tracer=tracer)
@@ -316,7 +336,8 @@ def test_engine_collector_reads_at_scrape_time():
 
 CONTRACT_ROUTER = {"tandem_time_to_first_token_seconds", "tandem_inter_token_latency_seconds",
                    "tandem_e2e_request_latency_seconds", "tandem_prompt_tokens", "tandem_generation_tokens",
-                   "tandem_requests_finished", "tandem_requests_failed", "tandem_requests_inflight"}
+                   "tandem_requests_finished", "tandem_requests_failed", "tandem_requests_inflight",
+                   "tandem_router_token_delay_seconds"}
 CONTRACT_WORKER = {"tandem_request_queue_time_seconds", "tandem_requests_running", "tandem_requests_waiting",
                    "tandem_kv_blocks_used", "tandem_kv_blocks_total", "tandem_prefix_cache_queries",
                    "tandem_prefix_cache_hits", "tandem_prefix_cache_corrupt_blobs", "tandem_redis_errors",
@@ -389,3 +410,22 @@ def test_token_chunk_merge_keeps_the_queue_time():
     a = TokenChunk("a", [1], queue_time_s=0.25)
     assert a.merge(TokenChunk("a", [2])).queue_time_s == 0.25
     assert TokenChunk("a", [1]).merge(TokenChunk("a", [2], queue_time_s=0.5)).queue_time_s == 0.5
+
+
+def test_token_chunk_merge_keeps_the_earliest_emission_stamp():
+    assert TokenChunk("a", [1], emitted_at=10.0).merge(TokenChunk("a", [2], emitted_at=11.0)).emitted_at == 10.0
+    assert TokenChunk("a", [1], emitted_at=11.0).merge(TokenChunk("a", [2], emitted_at=10.0)).emitted_at == 10.0
+    assert TokenChunk("a", [1]).merge(TokenChunk("a", [2], emitted_at=11.0)).emitted_at == 11.0
+    assert TokenChunk("a", [1], emitted_at=10.0).merge(TokenChunk("a", [], finish_reason="abort")).emitted_at == 10.0
+
+
+def test_engine_step_stamps_its_output(tmp_path):
+    from services.engine import LLM
+    from services.engine.make_model import make_model
+
+    eng = LLM(str(make_model("tiny-llama", tmp_path / "m")), device="cpu", kv_cache_memory_gb=0.01).engine
+    for rid in ("a", "b"):
+        eng.add_request([1, 2, 3], SamplingParams(max_tokens=2, temperature=0), request_id=rid)
+    before = time.time()
+    chunks = eng.step()
+    assert len(chunks) == 2 and before <= chunks[0].emitted_at == chunks[1].emitted_at <= time.time()
