@@ -23,6 +23,7 @@ from router.pipeline import PrefillDecodePipeline, UnifiedPipeline
 from router.prefix_routing import BalanceConfig
 from router.servicer import AdminServicer, AdmissionLimits, GenerationServicer
 from router.validation import Limits, RequestValidator
+from services.engine.gc_tuning import freeze_startup_objects
 from services.engine.tokenizer import Tokenizer
 from services.telemetry import RouterTelemetry
 
@@ -84,6 +85,7 @@ class Router:
                                              AdmissionLimits(config.max_inflight_requests), self.telemetry)
         admin = AdminServicer(self.pipeline, self.generation)
         self.server, self.health = await start_grpc_server(self.generation, admin, config)
+        freeze_startup_objects()  # no full GC pass over start-up objects while serving (services/engine/gc_tuning.py)
 
     async def worker_stats(self):
         return await self.pipeline.worker_stats()

@@ -27,6 +27,7 @@ from ray import serve
 
 from services import kv_transfer
 from services.config import WorkerConfig
+from services.engine.gc_tuning import freeze_startup_objects
 from services.engine.outputs import TokenChunk
 from services.engine.scheduler import EngineOverloadedError
 from services.routing_report import routing_stats
@@ -81,6 +82,7 @@ class EngineWorker:
                               eos_token_ids=tuple(sorted(eng.eos_token_ids)), block_size=eng.kv.block_size,
                               block_hash_seed=eng.kv.seed)
         self.channels = ChannelHub(_replica_id())  # the token channels to the routers (stream_channel.py)
+        freeze_startup_objects()  # again: what the transfer, store and telemetry set up (gc_tuning.py)
 
     # ---- request paths -------------------------------------------------------------------
     @traced_stream("unified")

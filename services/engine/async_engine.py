@@ -14,6 +14,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from services.engine.engine import LLMEngine
+from services.engine.gc_tuning import freeze_startup_objects
 from services.engine.llm import build_engine_config
 from services.engine.outputs import TokenChunk
 from services.engine.sampling_params import SamplingParams
@@ -43,6 +44,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
+        freeze_startup_objects()  # no full GC pass over the model's and libraries' objects (gc_tuning.py)
         self._thread.start()
 
     @classmethod
