@@ -61,15 +61,27 @@ def app_address(config: dict) -> str:
     return f"{args.get('host', LOOPBACK)}:{args.get('port', 50051)}"
 
 
+# Environment defaults for the Ray processes this head starts (an operator's own value wins).
+# RAY_SERVE_CONTROL_LOOP_INTERVAL_S: Serve's controller refreshes its node/resource view from
+# the GCS on every loop (ClusterNodeInfoCache.update, ~80% of its samples in a py-spy profile);
+# at Serve's 0.1 s that cost 4.2-5.7 CPU-s per 50 s benchmark on the 2-core box (~5% of the
+# machine), at 0.5 s idle use fell from 0.81 to 0.38 CPU-s per 20 s. Autoscaling decisions
+# and replica replacement react at most 0.4 s later.
+RAY_ENV_DEFAULTS = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
+
+
 def start_local_ray(*, num_cpus: int = 16, dashboard: bool = False, **options):
     """A fresh single-node Ray head bound to loopback (logical CPUs: Serve asks 1 per replica).
 
     Token authentication is on: Ray 2.60 enables it for a new local cluster unless
     ``RAY_AUTH_MODE`` says otherwise (it is read when ``ray`` is imported, so it can only be
-    changed from the environment of this process).
+    changed from the environment of this process). ``RAY_ENV_DEFAULTS`` are put into this
+    process's environment (unless set), which the head's processes inherit.
     """
     import ray
 
+    for key, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
         log.warning("RAY_AUTH_MODE=%s: token authentication is off", os.environ["RAY_AUTH_MODE"])
     return ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=dashboard,
