@@ -22,7 +22,8 @@ from tests.integration.helpers import TINY_ENGINE, environment, free_port, reque
 N, PROMPT, MAX_TOKENS = 6, list(range(30, 70)), 5  # 40-token prompts: 2 full blocks of 16
 ROUTER_METRICS = {"tandem_time_to_first_token_seconds", "tandem_inter_token_latency_seconds",
                   "tandem_e2e_request_latency_seconds", "tandem_prompt_tokens", "tandem_generation_tokens",
-                  "tandem_requests_finished", "tandem_requests_failed", "tandem_requests_inflight"}
+                  "tandem_requests_finished", "tandem_requests_failed", "tandem_requests_inflight",
+                  "tandem_router_token_delay_seconds"}
 WORKER_METRICS = {"tandem_request_queue_time_seconds", "tandem_requests_running", "tandem_requests_waiting",
                   "tandem_kv_blocks_used", "tandem_kv_blocks_total", "tandem_prefix_cache_queries",
                   "tandem_prefix_cache_hits", "tandem_prefix_cache_corrupt_blobs", "tandem_redis_errors",
@@ -51,7 +52,7 @@ class Scrape:
 @pytest.fixture(scope="module")
 def traffic(tiny_model):
     """A pd.yaml cluster after N finished requests (the last N-1 reuse the first one's prefix)
-    and one rejected request; yields (stats response, model id)."""
+    and one rejected request; yields (stats response, model id, response messages with tokens)."""
     from tests.integration.helpers import serve_app
 
     with environment(TANDEM_METRICS_PORT=str(free_port())), \
@@ -66,19 +67,20 @@ def traffic(tiny_model):
         wait_all_free(address)
         with grpc.insecure_channel(address) as channel:
             stats = admin_pb2_grpc.AdminStub(channel).GetWorkerStats(admin_pb2.GetWorkerStatsRequest(), timeout=30)
-        yield stats, Path(tiny_model).name
+        messages = sum(1 for got in first + rest for r in got if r.token_ids)
+        yield stats, Path(tiny_model).name, messages
 
 
 @pytest.fixture(scope="module")
 def scrapes(traffic):
-    stats, _ = traffic
+    stats, _, _ = traffic
     assert stats.router_metrics_address and all(w.metrics_address for w in stats.workers)
     return {"router": Scrape(stats.router_metrics_address),
             **{w.role: Scrape(w.metrics_address) for w in stats.workers}}
 
 
 def test_every_contract_metric_is_served_with_the_labels(traffic, scrapes):
-    stats, model = traffic
+    stats, model, _ = traffic
     assert set(scrapes) == {"router", "prefill", "decode"}
     replicas = {w.role: w.replica_id for w in stats.workers}
     for role, scrape in scrapes.items():
@@ -103,6 +105,17 @@ def test_router_counts_match_the_requests(scrapes):
     assert r.value("tandem_requests_failed_total", code="INVALID_ARGUMENT") == 1
     assert r.value("tandem_requests_inflight") == 0
     assert 0 < r.value("tandem_time_to_first_token_seconds_sum") <= r.value("tandem_e2e_request_latency_seconds_sum")
+
+
+def test_router_token_delay_counts_every_message_with_tokens(traffic, scrapes):
+    _, _, messages = traffic
+    r = scrapes["router"]
+    count = r.value("tandem_router_token_delay_seconds_count")
+    # pd.yaml: the prefill's first token is a message of its own (stamped by the prefill engine),
+    # decode's tokens follow in at least one more.
+    assert count == messages >= 2 * N, f"{count} delays observed for {messages} messages with tokens"
+    mean = r.value("tandem_router_token_delay_seconds_sum") / count
+    assert 0 < mean < 1.0, f"mean router token delay {mean:.3f} s"
 
 
 def test_worker_metrics_match_the_requests(scrapes):
