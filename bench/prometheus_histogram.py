@@ -74,10 +74,12 @@ def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
 
 
 def delay_summary(window: HistogramSnapshot, quantiles=(0.5, 0.9, 0.99)) -> dict | None:
-    """count, mean and quantiles of a seconds histogram's window, in milliseconds (None if empty)."""
+    """count, mean and quantiles of a seconds histogram's window, in milliseconds, and its
+    cumulative bucket counts by ``le`` in seconds (None if empty)."""
     if window.count <= 0:
         return None
     out = {"count": int(window.count), "mean": window.sum / window.count * 1000}
     for q in quantiles:
         out[f"p{round(q * 100)}"] = histogram_quantile(q, window.buckets) * 1000
+    out["buckets_le_s"] = {("+Inf" if le == math.inf else repr(le)): int(n) for le, n in sorted(window.buckets.items())}
     return out

@@ -50,7 +50,8 @@ def test_parses_the_router_metric_and_sums_its_series():
     s = delay_summary(h)
     assert s["count"] == 8 and s["mean"] == pytest.approx(0.0324 / 4 * 1000)
     assert s["p50"] == pytest.approx(1.0)  # rank 4 = the top of (0.5 ms, 1 ms]
-    assert s["p90"] == pytest.approx(25 + 25 * (7.2 - 6) / 2)  # rank 7.2 in (25 ms, 50 ms]
+    assert s["p90"] == pytest.approx(20 + 10 * (7.2 - 6) / 2)  # rank 7.2 in (20 ms, 30 ms]
+    assert s["buckets_le_s"]["0.001"] == 4 and s["buckets_le_s"]["+Inf"] == 8
     assert parse_histogram(text, "tandem_no_such_histogram").count == 0
     assert delay_summary(parse_histogram(text, "tandem_no_such_histogram")) is None
 
