@@ -109,7 +109,7 @@ class InProcessTarget:
     async def run(self, spec: RequestSpec, result: RequestResult, timeout: float) -> None:
         params = self.SamplingParams(max_tokens=spec.output_len, temperature=0, ignore_eos=True)
         try:
-            stream = self.engine.add_request(spec.prompt_ids, params)
+            stream = await self.engine.add_request_async(spec.prompt_ids, params)
             await _consume(((len(c.token_ids), c.finish_reason or "") async for c in stream), result)
         except Exception as exc:  # noqa: BLE001 - reported as an error status
             result.ok, result.status = False, type(exc).__name__

@@ -79,8 +79,8 @@ class ServingEngine(AsyncEngine):
         with self._capture_lock:
             self._captures.setdefault(request_id, _Capture(len(prompt_ids))).want_kv = True
         try:
-            stream = self.add_request(prompt_ids, dataclasses.replace(params, max_tokens=1),
-                                      request_id=request_id, priority=priority)
+            stream = await self.add_request_async(prompt_ids, dataclasses.replace(params, max_tokens=1),
+                                                  request_id=request_id, priority=priority)
             last = None
             async for chunk in stream:
                 last = chunk if last is None else last.merge(chunk)
@@ -176,7 +176,7 @@ class ServingEngine(AsyncEngine):
                                       priority, num_cached_tokens, generator_state)
         stream = _Stream(asyncio.get_running_loop())
         deadline = time.monotonic() + timeout_s
-        while not self._try_adopt(req, kv.kv, stream):
+        while not await self._try_adopt_off_loop(req, kv.kv, stream):
             if time.monotonic() > deadline:
                 raise EngineOverloadedError(
                     f"decode KV pool full: {kv.kv.shape[2]} blocks for {request_id!r} not free within {timeout_s}s")
@@ -209,6 +209,18 @@ class ServingEngine(AsyncEngine):
             if generator_state is not None:
                 req.generator.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
         return req
+
+    async def _try_adopt_off_loop(self, req: Request, kv: torch.Tensor, stream: _Stream) -> bool:
+        """``_try_adopt`` in a worker thread (it waits for the step lock); cancelled after it
+        adopted the request: the request is aborted (nobody would read its stream)."""
+        call = asyncio.ensure_future(asyncio.to_thread(self._try_adopt, req, kv, stream))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            await asyncio.wait([call])
+            if not call.cancelled() and call.exception() is None and call.result():
+                self.abort(req.request_id)
+            raise
 
     def _try_adopt(self, req: Request, kv: torch.Tensor, stream: _Stream) -> bool:
         eng = self.engine

@@ -91,8 +91,8 @@ class EngineWorker:
         self._open += 1
         try:
             async with _until(call.deadline), self.prefix_store.serving(call.request_id, call.prompt_token_ids):
-                stream = self.engine.add_request(call.prompt_token_ids, call.params,
-                                                 request_id=call.request_id, priority=call.priority)
+                stream = await self.engine.add_request_async(call.prompt_token_ids, call.params,
+                                                             request_id=call.request_id, priority=call.priority)
                 async for chunk in stream:
                     yield to_stream_chunk(chunk)
         finally:
@@ -169,9 +169,10 @@ class EngineWorker:
         async for batch in self.channels.stream(route):
             yield batch
 
-    def record_routing_stats(self) -> dict:
-        """Serve calls this per ``request_routing_stats_period_s`` (services/routing_report.py)."""
-        return routing_stats(self.engine, with_keys=self.config.role != "decode")
+    async def record_routing_stats(self) -> dict:
+        """Serve calls this per ``request_routing_stats_period_s`` (services/routing_report.py);
+        the step lock is waited for in a thread, not on the event loop that forwards tokens."""
+        return await asyncio.to_thread(routing_stats, self.engine, self.config.role != "decode")
 
     # ---- admin ---------------------------------------------------------------------------
     def abort(self, request_id: str) -> bool:

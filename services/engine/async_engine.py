@@ -1,8 +1,9 @@
 """Asyncio front of the engine: requests stream ``TokenChunk``s while one thread steps the engine.
 
-The engine thread holds ``_lock`` for each step; ``add_request`` and ``abort`` take the
-same lock, so an abort frees the request's blocks before the next step starts (at most
-one step after it is called). When several chunks of a request are ready before its
+The engine thread holds ``_lock`` (a fair ``StepLock``) for each step; ``add_request`` and
+``abort`` take the same lock, so an abort frees the request's blocks before the next step
+starts (at most one step after it is called). ``add_request_async`` waits for the lock in a
+thread, so that an event loop that also forwards other requests' tokens never stalls for a step. When several chunks of a request are ready before its
 consumer reads, the consumer receives them merged into one chunk.
 """
 
@@ -18,6 +19,7 @@ from services.engine.gc_tuning import freeze_startup_objects
 from services.engine.llm import build_engine_config
 from services.engine.outputs import TokenChunk
 from services.engine.sampling_params import SamplingParams
+from services.engine.step_lock import StepLock
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ class _Stream:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._lock = threading.Lock()
+        self._lock = StepLock()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._stopping = False
@@ -57,11 +59,31 @@ class AsyncEngine:
         """Queue a request now (ValueError / EngineOverloadedError raise here) and return its
         stream. Leaving the stream before its last chunk aborts the request."""
         stream = _Stream(asyncio.get_running_loop())
+        request_id = self._add(stream, prompt, params, request_id, priority)
+        self._wake.set()
+        return self._iterate(request_id, stream)
+
+    async def add_request_async(self, prompt: str | list[int], params: SamplingParams | None = None,
+                                request_id: str | None = None, priority: int = 0) -> AsyncIterator[TokenChunk]:
+        """``add_request`` with the wait for the step lock in a worker thread (the event loop
+        keeps running). Cancelled while the request is being added: it is aborted."""
+        stream = _Stream(asyncio.get_running_loop())
+        call = asyncio.ensure_future(asyncio.to_thread(self._add, stream, prompt, params, request_id, priority))
+        try:
+            request_id = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            await asyncio.wait([call])
+            if not call.cancelled() and call.exception() is None:
+                self.abort(call.result())
+            raise
+        self._wake.set()
+        return self._iterate(request_id, stream)
+
+    def _add(self, stream: _Stream, prompt, params, request_id, priority) -> str:
         with self._lock:
             req = self.engine.add_request(prompt, params, request_id=request_id, priority=priority)
             self._streams[req.request_id] = stream
-        self._wake.set()
-        return self._iterate(req.request_id, stream)
+        return req.request_id
 
     async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[TokenChunk]:
         finished = False
@@ -104,7 +126,8 @@ class AsyncEngine:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            with self._lock:
+            self._lock.acquire_for_step()
+            try:
                 try:
                     chunks = self.engine.step()
                 except Exception as exc:  # a bug in a step must not hang every client
@@ -115,6 +138,8 @@ class AsyncEngine:
                 for c in chunks:
                     if c.finished:
                         self._streams.pop(c.request_id, None)
+            finally:
+                self._lock.release()
             for stream, chunk in streams:
                 if stream is not None:
                     stream.put(chunk)
