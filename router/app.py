@@ -8,7 +8,8 @@
     host: 127.0.0.1             # gRPC bind address
     port: 50051                 # gRPC port
     kv_transfer: ray            # KVTransfer backend (pd mode)
-    torch_threads: N            # intra-op threads per worker; default: every core of its node
+    torch_threads: N            # intra-op threads per worker; default: every core of its node;
+                                #   or per role: {prefill: N, decode: M} (pd mode; unset roles: default)
     engine: {...}               # EngineOptions of every worker
     prefill_engine: {...}       # overrides for PrefillWorker (pd mode)
     decode_engine: {...}        # overrides for DecodeWorker (pd mode)
@@ -73,20 +74,33 @@ def parse_args(args: dict | None) -> AppConfig:
                           **router_args)
     engine = EngineOptions.from_dict(args.get("engine"), "args.engine")
     transfer = args.get("kv_transfer", "ray")
-    threads = args.get("torch_threads")
+    threads = _torch_threads(args.get("torch_threads"), mode)
     store = PrefixStoreConfig.from_dict(args["prefix_store"], "args.prefix_store") if args.get("prefix_store") else None
     if mode == "unified":
-        workers = {"unified": WorkerConfig("unified", model, model_id, engine, torch_threads=threads,
+        workers = {"unified": WorkerConfig("unified", model, model_id, engine, torch_threads=threads["unified"],
                                            prefix_store=store)}
     else:
         workers = {role: WorkerConfig(role, model, model_id,
                                       engine.merged(args.get(f"{role}_engine"), f"args.{role}_engine"),
-                                      kv_transfer=transfer, torch_threads=threads,
+                                      kv_transfer=transfer, torch_threads=threads[role],
                                       prefix_store=store if role == "prefill" else None)
                    for role in ("prefill", "decode")}
         if workers["prefill"].engine.block_size != workers["decode"].engine.block_size:
             raise ValueError("args: prefill_engine.block_size and decode_engine.block_size must be equal")
     return AppConfig(mode, router, workers)
+
+
+def _torch_threads(value, mode: str) -> dict[str, int | None]:
+    """``args.torch_threads`` (None, N, or {role: N}) -> threads per role of ``mode``."""
+    roles = ("unified",) if mode == "unified" else ("prefill", "decode")
+    per_role = dict(value) if isinstance(value, dict) else {r: value for r in roles}
+    bad = sorted(set(per_role) - set(roles))
+    if bad:
+        raise ValueError(f"args.torch_threads: unknown role(s) {bad} for mode {mode!r}; known: {list(roles)}")
+    for role, n in per_role.items():
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"args.torch_threads: must be a positive integer, got {n!r} for {role}")
+    return {r: per_role.get(r) for r in roles}
 
 
 def build_app(args: dict | None = None):

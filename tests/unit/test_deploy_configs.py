@@ -52,3 +52,15 @@ def test_deployment_overrides_merge(model):
     assert app["args"]["engine"]["num_kv_blocks"] == 8 and app["args"]["engine"]["kv_cache_memory_gb"] == 1.0
     decode = next(d for d in app["deployments"] if d["name"] == "DecodeWorker")
     assert decode["autoscaling_config"]["max_replicas"] == 3 and decode["autoscaling_config"]["min_replicas"] == 1
+
+
+def test_torch_threads_per_role(model):
+    both = parse_args({"model": model, "mode": "pd", "torch_threads": 2})
+    assert both.workers["prefill"].torch_threads == 2 and both.workers["decode"].torch_threads == 2
+    split = parse_args({"model": model, "mode": "pd", "torch_threads": {"prefill": 1}})
+    assert split.workers["prefill"].torch_threads == 1 and split.workers["decode"].torch_threads is None
+    assert parse_args({"model": model}).workers["unified"].torch_threads is None
+    with pytest.raises(ValueError, match="args.torch_threads: unknown role"):
+        parse_args({"model": model, "mode": "unified", "torch_threads": {"decode": 1}})
+    with pytest.raises(ValueError, match="args.torch_threads: must be a positive integer"):
+        parse_args({"model": model, "mode": "pd", "torch_threads": {"decode": 0}})
