@@ -29,6 +29,7 @@ from services.engine.model.attention import write_blocks
 from services.engine.outputs import TokenChunk
 from services.engine.request import Request, RequestStatus
 from services.engine.sampling_params import SamplingParams
+from services.engine.step_lock import off_loop
 from services.engine.scheduler import EngineOverloadedError
 from services.kv_transfer.base import KVPayload
 
@@ -176,7 +177,12 @@ class ServingEngine(AsyncEngine):
                                       priority, num_cached_tokens, generator_state)
         stream = _Stream(asyncio.get_running_loop())
         deadline = time.monotonic() + timeout_s
-        while not await self._try_adopt_off_loop(req, kv.kv, stream):
+
+        def undo(adopted: bool) -> None:  # adopted, but the caller was cancelled: nobody reads the stream
+            if adopted:
+                self.abort(request_id)
+
+        while not await off_loop(self._try_adopt, req, kv.kv, stream, undo=undo):
             if time.monotonic() > deadline:
                 raise EngineOverloadedError(
                     f"decode KV pool full: {kv.kv.shape[2]} blocks for {request_id!r} not free within {timeout_s}s")
@@ -209,18 +215,6 @@ class ServingEngine(AsyncEngine):
             if generator_state is not None:
                 req.generator.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
         return req
-
-    async def _try_adopt_off_loop(self, req: Request, kv: torch.Tensor, stream: _Stream) -> bool:
-        """``_try_adopt`` in a worker thread (it waits for the step lock); cancelled after it
-        adopted the request: the request is aborted (nobody would read its stream)."""
-        call = asyncio.ensure_future(asyncio.to_thread(self._try_adopt, req, kv, stream))
-        try:
-            return await asyncio.shield(call)
-        except asyncio.CancelledError:
-            await asyncio.wait([call])
-            if not call.cancelled() and call.exception() is None and call.result():
-                self.abort(req.request_id)
-            raise
 
     def _try_adopt(self, req: Request, kv: torch.Tensor, stream: _Stream) -> bool:
         eng = self.engine

@@ -3,8 +3,9 @@
 The engine thread holds ``_lock`` (a fair ``StepLock``) for each step; ``add_request`` and
 ``abort`` take the same lock, so an abort frees the request's blocks before the next step
 starts (at most one step after it is called). ``add_request_async`` waits for the lock in a
-thread, so that an event loop that also forwards other requests' tokens never stalls for a step. When several chunks of a request are ready before its
-consumer reads, the consumer receives them merged into one chunk.
+thread, so that an event loop that also forwards other requests' tokens never stalls for a
+step. When several chunks of a request are ready before its consumer reads, the consumer
+receives them merged into one chunk.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from services.engine.gc_tuning import freeze_startup_objects
 from services.engine.llm import build_engine_config
 from services.engine.outputs import TokenChunk
 from services.engine.sampling_params import SamplingParams
-from services.engine.step_lock import StepLock
+from services.engine.step_lock import StepLock, off_loop
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +69,7 @@ class AsyncEngine:
         """``add_request`` with the wait for the step lock in a worker thread (the event loop
         keeps running). Cancelled while the request is being added: it is aborted."""
         stream = _Stream(asyncio.get_running_loop())
-        call = asyncio.ensure_future(asyncio.to_thread(self._add, stream, prompt, params, request_id, priority))
-        try:
-            request_id = await asyncio.shield(call)
-        except asyncio.CancelledError:
-            await asyncio.wait([call])
-            if not call.cancelled() and call.exception() is None:
-                self.abort(call.result())
-            raise
+        request_id = await off_loop(self._add, stream, prompt, params, request_id, priority, undo=self.abort)
         self._wake.set()
         return self._iterate(request_id, stream)
 

@@ -16,7 +16,6 @@ request, or by ``release`` (call it when the request is not added after all).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import Counter
 from contextlib import asynccontextmanager
@@ -25,23 +24,12 @@ from dataclasses import dataclass
 import torch
 from opentelemetry import trace
 
+from services.engine.step_lock import off_loop
 from services.prefix_store.blob import BlockLayout
 from services.prefix_store.store import PrefixStore
 
 log = logging.getLogger("tandem.prefix_store")
 _tracer = trace.get_tracer("tandem")
-
-
-async def _off_loop(fn, *args):
-    """``fn(*args)`` in a worker thread: the engine calls wait for its step lock, which must not
-    block the event loop. A cancelled caller still waits for the call to finish, so that its
-    cleanup sees the call's effect (e.g. the pins it took)."""
-    call = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(call)
-    except asyncio.CancelledError:
-        await asyncio.wait([call])
-        raise
 
 
 @dataclass(frozen=True)
@@ -85,7 +73,7 @@ class PrefixCacheTier:
         usable = hashes[:eng.max_prefix_blocks(len(prompt_ids))]
         with _tracer.start_as_current_span("tandem.prefix_cache.lookup") as span:
             try:
-                local = await _off_loop(self.engine.pin_prefix, request_id, usable)
+                local = await off_loop(self.engine.pin_prefix, request_id, usable)
                 redis = await self._load(request_id, usable[local:], len(prompt_ids))
             except BaseException:
                 self.engine.release_prefix(request_id)
@@ -102,7 +90,7 @@ class PrefixCacheTier:
         kv = await self.store.lookup(hashes)  # [L, 2, n, bs, Hkv, D]
         if kv.shape[2] == 0:
             return 0
-        return await _off_loop(self.engine.import_prefix, request_id, hashes, kv, num_prompt_tokens)
+        return await off_loop(self.engine.import_prefix, request_id, hashes, kv, num_prompt_tokens)
 
     @asynccontextmanager
     async def serving(self, request_id: str, prompt_ids: list[int]):

@@ -54,3 +54,28 @@ def test_every_caller_of_a_burst_gets_in_between_two_steps():
     lock.release()
     for t in threads:
         t.join(5)
+
+
+def test_off_loop_undoes_a_call_whose_caller_was_cancelled():
+    import asyncio
+
+    from services.engine.step_lock import off_loop
+
+    started, release, undone = threading.Event(), threading.Event(), []
+
+    def slow_add():
+        started.set()
+        release.wait(5)
+        return "r1"
+
+    async def main():
+        task = asyncio.ensure_future(off_loop(slow_add, undo=undone.append))
+        await asyncio.to_thread(started.wait, 5)
+        task.cancel()
+        release.set()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled"
+
+    assert asyncio.run(main()) == "cancelled" and undone == ["r1"]
