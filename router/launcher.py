@@ -63,7 +63,7 @@ def app_address(config: dict) -> str:
 
 # Environment defaults for the Ray processes this head starts (an operator's own value wins).
 # RAY_SERVE_CONTROL_LOOP_INTERVAL_S: Serve's controller refreshes its node/resource view from
-# the GCS on every loop (ClusterNodeInfoCache.update, ~80% of its samples in a py-spy profile);
+# the GCS on every loop (ClusterNodeInfoCache.update: ~80% of the control loop's py-spy samples);
 # at Serve's 0.1 s that cost 4.2-5.7 CPU-s per 50 s benchmark on the 2-core box (~5% of the
 # machine), at 0.5 s idle use fell from 0.81 to 0.38 CPU-s per 20 s. Autoscaling decisions
 # and replica replacement react at most 0.4 s later.
