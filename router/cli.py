@@ -147,6 +147,10 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
         from bench.prefix import main as prefix_main
 
         return prefix_main(rest)
+    if args.suite == "grpc-floor":
+        from bench.grpc_floor import main as floor_main
+
+        return floor_main(rest)
     print(f"bench: unknown suite {args.suite!r}", file=sys.stderr)
     return 2
 
@@ -191,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--timeout", type=float, default=None, help="gRPC deadline in seconds")
 
-    b = sub.add_parser("bench", help="benchmarks: offline (engine in-process) or serve (gRPC load generator)")
-    b.add_argument("suite", choices=["offline", "serve", "prefix"])
+    b = sub.add_parser("bench", help="benchmarks: offline (engine in-process), serve (gRPC load generator), "
+                       "prefix (Redis-prefix TTFT), grpc-floor (grpc.aio's own per-message delay)")
+    b.add_argument("suite", choices=["offline", "serve", "prefix", "grpc-floor"])
     return p
 
 
