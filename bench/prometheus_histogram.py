@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -50,10 +51,11 @@ def parse_histogram(text: str, name: str) -> HistogramSnapshot:
     return HistogramSnapshot(buckets, total, count)
 
 
-def scrape_histogram(url: str, name: str, timeout: float = 10.0) -> HistogramSnapshot:
-    """GET ``url`` (a /metrics page) and parse the histogram ``name`` from it."""
+def scrape_histograms(url: str, names: Iterable[str], timeout: float = 10.0) -> dict[str, HistogramSnapshot]:
+    """GET ``url`` (a /metrics page) once and parse each histogram of ``names`` from it."""
     with urllib.request.urlopen(url, timeout=timeout) as reply:
-        return parse_histogram(reply.read().decode(), name)
+        text = reply.read().decode()
+    return {name: parse_histogram(text, name) for name in names}
 
 
 def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:

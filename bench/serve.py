@@ -3,7 +3,7 @@
     tandem bench serve --address 127.0.0.1:50051 --concurrency 32 --num-prompts 128 \\
         --input-len 128 --output-len 128 [--request-rate 8] [--random-range-ratio 0.5] [--json out.json]
     tandem bench serve --inprocess dense-100m ...   # same workload, in-process AsyncEngine (baseline)
-    tandem bench serve --address ... --router-metrics http://127.0.0.1:9464/metrics   # + router token delay
+    tandem bench serve --address ... --router-metrics http://127.0.0.1:9464/metrics   # + router delay, dwell
 
 Load: closed loop (``--concurrency`` requests in flight, each client sends its next request
 when its previous one ends) or open loop (``--request-rate`` Poisson arrivals per second,
@@ -15,10 +15,12 @@ Metrics per request: TTFT = first token - send; e2e = last message - send;
 TPOT = (e2e - TTFT) / (output tokens - 1); ITL = gap between messages / tokens in the later
 one. Throughput = output tokens / (last finish - first send). Errors are counted by status.
 
-Router token delay (``--router-metrics``): the router's ``tandem_router_token_delay_seconds``
-histogram (engine output -> response message handed to gRPC, once per message with tokens),
-scraped before and after the measured run (not the warm-up); its p50/p90/p99 interpolate inside
-the buckets of the difference, as PromQL's histogram_quantile does (bench/prometheus_histogram.py).
+Router token delay and dwell (``--router-metrics``): the router's histograms
+``tandem_router_token_delay_seconds`` (engine output -> response message handed to gRPC) and
+``tandem_router_dwell_seconds`` (arrival at the router -> the same hand-off: the router's own
+share), once per message with tokens, scraped before and after the measured run (not the
+warm-up); their p50/p90/p99 interpolate inside the buckets of the difference, as PromQL's
+histogram_quantile does (bench/prometheus_histogram.py).
 """
 
 from __future__ import annotations
@@ -34,10 +36,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench.prometheus_histogram import delay_summary, scrape_histogram
+from bench.prometheus_histogram import delay_summary, scrape_histograms
 from bench.workload import percentiles, prompts
 
 TOKEN_DELAY = "tandem_router_token_delay_seconds"
+DWELL = "tandem_router_dwell_seconds"
+# --router-metrics: summary key -> (table row, router histogram read over the measured run)
+ROUTER_HISTOGRAMS = {"router_token_delay_ms": ("ROUTER DELAY", TOKEN_DELAY),
+                     "router_dwell_ms": ("ROUTER DWELL", DWELL)}
 
 
 @dataclass
@@ -217,12 +223,13 @@ def print_table(s: dict) -> None:
         p = s[f"{name}_ms"]
         if p:
             print(f"{name.upper():<14}{p['mean']:>10.2f}{p['p50']:>10.2f}{p['p90']:>10.2f}{p['p99']:>10.2f}")
-    d = s.get("router_token_delay_ms")
-    if d:
-        print(f"{'ROUTER DELAY':<14}{d['mean']:>10.3f}{d['p50']:>10.3f}{d['p90']:>10.3f}{d['p99']:>10.3f}"
-              f"   ({d['count']} messages; from the router's buckets)")
-    elif "router_token_delay_ms" in s:
-        print("ROUTER DELAY  no token-carrying messages observed at --router-metrics")
+    for key, (row, _) in ROUTER_HISTOGRAMS.items():
+        d = s.get(key)
+        if d:
+            print(f"{row:<14}{d['mean']:>10.3f}{d['p50']:>10.3f}{d['p90']:>10.3f}{d['p99']:>10.3f}"
+                  f"   ({d['count']} messages; from the router's buckets)")
+        elif key in s:
+            print(f"{row:<14}no token-carrying messages observed at --router-metrics")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -241,7 +248,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=600.0, help="per-request deadline (s)")
     ap.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="in-process engine's KV pool")
     ap.add_argument("--router-metrics", metavar="URL",
-                    help=f"router /metrics to read {TOKEN_DELAY} from, e.g. http://127.0.0.1:9464/metrics")
+                    help=f"router /metrics to read {TOKEN_DELAY} and {DWELL} from, e.g. "
+                         "http://127.0.0.1:9464/metrics")
     ap.add_argument("--json", type=Path, help="write the summary here")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -265,14 +273,16 @@ async def run(args: argparse.Namespace) -> dict:
         if args.warmup:
             warm = argparse.Namespace(**{**vars(args), "no_progress": True, "request_rate": None})
             await drive(target, specs[:args.warmup], warm)
-        before = scrape_histogram(args.router_metrics, TOKEN_DELAY) if args.router_metrics else None
+        names = [name for _, name in ROUTER_HISTOGRAMS.values()]
+        before = scrape_histograms(args.router_metrics, names) if args.router_metrics else None
         results, wall = await drive(target, specs, args)
-        after = scrape_histogram(args.router_metrics, TOKEN_DELAY) if args.router_metrics else None
+        after = scrape_histograms(args.router_metrics, names) if args.router_metrics else None
     finally:
         await target.close()
     summary = summarize(results, wall, args)
     if before is not None:
-        summary["router_token_delay_ms"] = delay_summary(after.minus(before))
+        for key, (_, name) in ROUTER_HISTOGRAMS.items():
+            summary[key] = delay_summary(after[name].minus(before[name]))
     return summary
 
 

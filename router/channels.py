@@ -83,9 +83,11 @@ class ReplicaLink:
         try:
             async for batch in self._response:
                 inboxes = self.inboxes
+                now = time.time()  # arrival at the router: the router dwell starts here
                 for rid, chunk in batch.chunks:
                     box = inboxes.get(rid)
                     if box is not None:
+                        chunk.arrived_at = now
                         box.put(chunk)
         except asyncio.CancelledError:
             error = ConnectionError(f"channel to replica {self.replica_id} closed")

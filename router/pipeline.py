@@ -15,6 +15,7 @@ prefix and load (router/prefix_routing.py), decode by load.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 from router.channels import WorkerDispatch, is_wrong_replica
@@ -124,6 +125,7 @@ class PrefillDecodePipeline:
             finally:
                 inflight[target] -= 1
             first = result.first
+            first.arrived_at = time.time()  # the first token reaches the router here, not on the channel
             yield first
             if first.finish_reason is not None or result.kv is None:
                 return

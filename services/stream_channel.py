@@ -35,10 +35,12 @@ def merge_chunks(a: StreamChunk, b: StreamChunk) -> StreamChunk:
     if a.logprobs is not None or b.logprobs is not None:
         lp = (a.logprobs or []) + (b.logprobs or [])
     # Everything else (counts, finish, tier split) is the later chunk's; queue time is set once;
-    # the emission stamp is the oldest token's (the delay of a merged chunk is its oldest token's).
+    # the emission and router-arrival stamps are the oldest token's (the delay of a merged chunk
+    # is its oldest token's).
     return dataclasses.replace(b, token_ids=a.token_ids + b.token_ids, text=a.text + b.text, logprobs=lp,
                                queue_time_s=a.queue_time_s if a.queue_time_s is not None else b.queue_time_s,
-                               emitted_at=earliest(a.emitted_at, b.emitted_at))
+                               emitted_at=earliest(a.emitted_at, b.emitted_at),
+                               arrived_at=earliest(a.arrived_at, b.arrived_at))
 
 
 class Outbox:

@@ -77,6 +77,7 @@ class StreamChunk:
     num_redis_cached_tokens: int = 0  # of num_cached_tokens, loaded from the Redis tier (the rest: local)
     queue_time_s: float | None = None  # engine arrival -> first scheduled, on a worker's own chunks (telemetry)
     emitted_at: float | None = None  # time.time() the engine produced the oldest token here (router token delay)
+    arrived_at: float | None = None  # time.time() the oldest token here reached the router (set there: router dwell)
 
 
 @dataclass

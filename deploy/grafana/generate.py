@@ -96,9 +96,13 @@ def fleet_rows(d: Layout) -> None:
           description="Router: time between consecutive streamed tokens.")
     d.add("End-to-end latency", quantiles("tandem_e2e_request_latency_seconds"), "s", width=6,
           description="Router: request arrival to the last token.")
-    d.add("Router token delay", quantiles("tandem_router_token_delay_seconds"), "s", width=6,
-          description="Engine output to the response message handed to the client's gRPC stream (worker event "
-                      "loop, Ray streaming transport, router demux and encoding), per message with tokens.")
+    delay = [(expr, f"delay {legend}") for expr, legend in quantiles("tandem_router_token_delay_seconds")]
+    dwell = [(expr, f"dwell {legend}") for expr, legend in quantiles("tandem_router_dwell_seconds")]
+    d.add("Router token delay and dwell", delay + dwell, "s", width=6,
+          description="Per message with tokens. Delay: engine output to the response message handed to the "
+                      "client's gRPC stream (worker event loop, Ray streaming transport, router demux and "
+                      "encoding). Dwell: the router's own share, arrival at the router to the same hand-off "
+                      "(demux, inbox wait, encoding; queueing on the router's event loop included).")
 
     d.add_row("Throughput")
     d.add("Tokens / s", [(rate("tandem_prompt_tokens_total"), "prompt"),

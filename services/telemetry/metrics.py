@@ -55,6 +55,7 @@ CONTRACT: dict[str, str] = {
     "tandem_requests_failed_total": "counter",
     "tandem_requests_inflight": "gauge",
     "tandem_router_token_delay_seconds": "histogram",
+    "tandem_router_dwell_seconds": "histogram",
     # workers
     "tandem_request_queue_time_seconds": "histogram",
     "tandem_requests_running": "gauge",
@@ -124,6 +125,13 @@ class RouterMetrics:
             "gRPC stream, once per message that carries tokens (its oldest token's delay): worker event loop, Ray "
             "streaming transport, router demux and encoding. CPU the serving processes take from the engine is not "
             "in it (that shows in throughput)", LABELS, registry=reg, buckets=TOKEN_DELAY_BUCKETS).labels(*ids)
+        self.dwell = Histogram(
+            "tandem_router_dwell_seconds", "Arrival at the router (its channel from the worker, or the prefill "
+            "result) to the response message handed to the client's gRPC stream, once per message that carries "
+            "tokens (its oldest token's): the router's own share of tandem_router_token_delay_seconds: demux, the "
+            "wait in the request's inbox until its task runs, building the protobuf. Queueing behind other "
+            "streams' messages on the router's event loop is in it", LABELS, registry=reg,
+            buckets=TOKEN_DELAY_BUCKETS).labels(*ids)
 
     def failed(self, code_name: str):
         """The failed-requests counter of one status code (gRPC names: a bounded set)."""

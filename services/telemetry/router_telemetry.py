@@ -131,14 +131,21 @@ class RequestTelemetry:
 
     def handed_over(self, chunk) -> None:
         """The response message built from ``chunk`` goes to gRPC now: observe the token delay
-        (``tandem_router_token_delay_seconds``) of a message that carries tokens.
+        (``tandem_router_token_delay_seconds``) and the router dwell (``tandem_router_dwell_seconds``)
+        of a message that carries tokens.
 
         ``chunk.emitted_at`` is the engine's ``time.time()`` when it produced the oldest token of
         the chunk, in the worker's process; both ends read the same clock on one machine (across
         machines the clocks' offset is in the value; a negative difference counts as 0).
+        ``chunk.arrived_at`` is this router's ``time.time()`` when that token arrived here.
         """
-        if chunk.token_ids and chunk.emitted_at is not None:
-            self.metrics.token_delay.observe(max(time.time() - chunk.emitted_at, 0.0))
+        if not chunk.token_ids:
+            return
+        now = time.time()
+        if chunk.emitted_at is not None:
+            self.metrics.token_delay.observe(max(now - chunk.emitted_at, 0.0))
+        if chunk.arrived_at is not None:
+            self.metrics.dwell.observe(max(now - chunk.arrived_at, 0.0))
 
     def _observe_itl(self, gap: float, n: int) -> None:
         per_token = gap / n

@@ -23,7 +23,7 @@ N, PROMPT, MAX_TOKENS = 6, list(range(30, 70)), 5  # 40-token prompts: 2 full bl
 ROUTER_METRICS = {"tandem_time_to_first_token_seconds", "tandem_inter_token_latency_seconds",
                   "tandem_e2e_request_latency_seconds", "tandem_prompt_tokens", "tandem_generation_tokens",
                   "tandem_requests_finished", "tandem_requests_failed", "tandem_requests_inflight",
-                  "tandem_router_token_delay_seconds"}
+                  "tandem_router_token_delay_seconds", "tandem_router_dwell_seconds"}
 WORKER_METRICS = {"tandem_request_queue_time_seconds", "tandem_requests_running", "tandem_requests_waiting",
                   "tandem_kv_blocks_used", "tandem_kv_blocks_total", "tandem_prefix_cache_queries",
                   "tandem_prefix_cache_hits", "tandem_prefix_cache_corrupt_blobs", "tandem_redis_errors",
@@ -116,6 +116,11 @@ def test_router_token_delay_counts_every_message_with_tokens(traffic, scrapes):
     assert count == messages >= 2 * N, f"{count} delays observed for {messages} messages with tokens"
     mean = r.value("tandem_router_token_delay_seconds_sum") / count
     assert 0 < mean < 1.0, f"mean router token delay {mean:.3f} s"
+    # The router's dwell is observed for the same messages (every one was stamped on arrival:
+    # the channel's chunks and the prefill's first token) and is a part of their delay.
+    assert r.value("tandem_router_dwell_seconds_count") == count
+    dwell = r.value("tandem_router_dwell_seconds_sum")
+    assert 0 < dwell <= r.value("tandem_router_token_delay_seconds_sum"), f"dwell {dwell:.4f} s in all"
 
 
 def test_worker_metrics_match_the_requests(scrapes):

@@ -56,6 +56,17 @@ def test_parses_the_router_metric_and_sums_its_series():
     assert delay_summary(parse_histogram(text, "tandem_no_such_histogram")) is None
 
 
+def test_delay_and_dwell_are_read_from_one_page():
+    m = RouterMetrics(Identity("m", "router", "r0"))
+    for delay, dwell in ((0.004, 0.0003), (0.012, 0.0008)):
+        m.token_delay.observe(delay)
+        m.dwell.observe(dwell)
+    text = generate_latest(m.registry).decode()
+    delay, dwell = parse_histogram(text, NAME), parse_histogram(text, "tandem_router_dwell_seconds")
+    assert delay.count == dwell.count == 2 and dwell.sum == pytest.approx(0.0011) and delay.sum == pytest.approx(0.016)
+    assert delay_summary(dwell)["buckets_le_s"]["0.001"] == 2 and delay_summary(delay)["buckets_le_s"]["0.001"] == 0
+
+
 def test_router_metrics_needs_a_router():
     with pytest.raises(SystemExit):
         parse_args(["--inprocess", "tiny", "--router-metrics", "http://127.0.0.1:9464/metrics"])

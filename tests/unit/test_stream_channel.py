@@ -2,12 +2,14 @@
 router inboxes (router/channels.py)."""
 
 import asyncio
+import time
+from types import SimpleNamespace
 
 import pytest
 
-from router.channels import Inbox
+from router.channels import Inbox, ReplicaLink
 from services.stream_channel import ChannelHub, Outbox, merge_chunks
-from services.types import Route, StreamChunk, WrongReplicaError
+from services.types import ChunkBatch, Route, StreamChunk, WrongReplicaError
 
 
 def chunk(ids, text="", finish=None, n=0, lp=None):
@@ -40,6 +42,55 @@ def test_merge_keeps_the_earliest_emission_stamp():
     for i, at in enumerate((5.0, 6.0, 7.0)):
         box.put("a", stamped([i], at))
     assert box.take()[0][1].emitted_at == 5.0
+
+
+def test_merge_keeps_the_earliest_arrival_stamp():
+    def arrived(ids, at):
+        return StreamChunk(list(ids), arrived_at=at)
+
+    assert merge_chunks(arrived([1], 10.0), arrived([2], 11.0)).arrived_at == 10.0
+    assert merge_chunks(arrived([1], None), arrived([2], 11.0)).arrived_at == 11.0
+    assert merge_chunks(arrived([1], 10.0), arrived([], None)).arrived_at == 10.0
+    assert merge_chunks(arrived([1], None), arrived([2], None)).arrived_at is None
+
+    async def main():
+        box = Inbox()  # the router's inbox merges with merge_chunks: the oldest token's arrival stays
+        for i, at in enumerate((5.0, 6.0, 7.0)):
+            box.put(arrived([i], at))
+        return await box.get()
+
+    merged = asyncio.run(main())
+    assert merged.token_ids == [0, 1, 2] and merged.arrived_at == 5.0
+
+
+def test_replica_link_stamps_each_chunk_on_arrival():
+    first, other, later = chunk([1]), chunk([5]), chunk([2], finish="length")
+
+    async def batches():
+        yield ChunkBatch([("a", first), ("b", other)])
+        await asyncio.sleep(0.01)
+        yield ChunkBatch([("a", later)])
+
+    class Channel:  # what handle.options(stream=True).channel.remote(...) returns
+        def __aiter__(self):
+            return batches()
+
+        def cancel(self):
+            pass
+
+    handle = SimpleNamespace(options=lambda **_: SimpleNamespace(channel=SimpleNamespace(remote=lambda **_: Channel())))
+
+    async def main():
+        before = time.time()
+        link = ReplicaLink(handle, "router", "r1")
+        boxes = link.inboxes["a"], link.inboxes["b"] = Inbox(), Inbox()
+        await link._task  # the channel ends after two batches
+        return before, boxes, time.time()
+
+    before, (a, b), after = asyncio.run(main())
+    assert before <= first.arrived_at == other.arrived_at < later.arrived_at <= after  # one stamp per batch
+    assert a.chunk.token_ids == [1, 2] and a.chunk.arrived_at == first.arrived_at
+    assert b.chunk.arrived_at == other.arrived_at and isinstance(a.error, ConnectionError)
 
 
 def test_outbox_holds_one_merged_chunk_per_request():

@@ -151,6 +151,28 @@ def test_router_token_delay_is_observed_per_message_with_tokens(spans):
     assert (bucket("0.00025"), bucket("0.0005"), bucket("0.002"), bucket("0.005")) == (0, 1, 1, 2)
 
 
+def test_router_dwell_is_observed_per_message_with_tokens(spans):
+    _, tracer = spans
+    rt = RouterTelemetry(Identity("m", "router", "r0"), tracer=tracer)
+    obs = rt.start([])
+    now = time.time()
+    obs.handed_over(StreamChunk([7], emitted_at=now - 0.02, arrived_at=now - 0.003))  # 3 ms on the router
+    obs.handed_over(StreamChunk([8, 9], arrived_at=now - 0.0003))  # no emission stamp: dwell still observed
+    obs.handed_over(StreamChunk([], finish_reason="abort", arrived_at=now - 5))  # no tokens: not observed
+    obs.handed_over(StreamChunk([10], emitted_at=now - 0.001))  # not stamped on arrival: delay only
+    obs.handed_over(StreamChunk([11], arrived_at=now + 60))  # a clock step back counts as 0
+    obs.end()
+    reg, labels = rt.metrics.registry, {"model": "m", "role": "router", "replica": "r0"}
+
+    def bucket(le):
+        return reg.get_sample_value("tandem_router_dwell_seconds_bucket", {**labels, "le": le})
+
+    assert reg.get_sample_value("tandem_router_dwell_seconds_count", labels) == 3
+    assert reg.get_sample_value("tandem_router_token_delay_seconds_count", labels) == 2
+    assert 0.0033 <= reg.get_sample_value("tandem_router_dwell_seconds_sum", labels) < 0.5
+    assert (bucket("0.0001"), bucket("0.0005"), bucket("0.002"), bucket("0.005")) == (1, 2, 2, 3)
+
+
 def test_router_failed_request_has_error_status(spans):
     exporter, tracer = spans
     rt = RouterTelemetry(Identity("m", "router", "r0"), tracer=tracer)
@@ -337,7 +359,7 @@ def test_engine_collector_reads_at_scrape_time():
 CONTRACT_ROUTER = {"tandem_time_to_first_token_seconds", "tandem_inter_token_latency_seconds",
                    "tandem_e2e_request_latency_seconds", "tandem_prompt_tokens", "tandem_generation_tokens",
                    "tandem_requests_finished", "tandem_requests_failed", "tandem_requests_inflight",
-                   "tandem_router_token_delay_seconds"}
+                   "tandem_router_token_delay_seconds", "tandem_router_dwell_seconds"}
 CONTRACT_WORKER = {"tandem_request_queue_time_seconds", "tandem_requests_running", "tandem_requests_waiting",
                    "tandem_kv_blocks_used", "tandem_kv_blocks_total", "tandem_prefix_cache_queries",
                    "tandem_prefix_cache_hits", "tandem_prefix_cache_corrupt_blobs", "tandem_redis_errors",
