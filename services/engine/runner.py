@@ -73,7 +73,9 @@ class ModelRunner:
         positions = torch.from_numpy(np.concatenate(pos)).to(self.device)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if sample_rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+            if len(sample_rows) < hidden.shape[0]:  # else every row, in order (rows are increasing)
+                hidden = hidden[torch.tensor(sample_rows, device=self.device)]
+            logits = self.model.compute_logits(hidden)
             sample = self.sampler(logits, [requests[r].params for r in sample_ids],
                                   [requests[r].generator for r in sample_ids])
         else:

@@ -69,13 +69,29 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: to
     kv_cache[1].view(num_kv_heads, -1, head_dim).index_copy_(1, slots, v.transpose(0, 1).to(kv_cache.dtype))
 
 
-def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    """cache [Hkv, N, bs, D] (K or V of one layer), block_ids [n] -> [Hkv, n * bs, D].
+def block_rows(block_ids: torch.Tensor, num_kv_heads: int, num_blocks: int) -> torch.Tensor:
+    """block_ids [n] -> [Hkv * n] int64: the rows of (head h, block b) in a cache viewed as
+    ``[Hkv * N, bs * D]`` (row ``h * N + b``), head-major (``gather_rows``' order)."""
+    heads = torch.arange(num_kv_heads, device=block_ids.device).unsqueeze(1) * num_blocks
+    return (block_ids.unsqueeze(0) + heads).reshape(-1)
 
-    ``index_select`` copies whole contiguous blocks (memcpy speed), unlike advanced indexing.
+
+def gather_rows(cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """cache [Hkv, N, bs, D] (K or V of one layer, contiguous), rows from ``block_rows`` ->
+    [Hkv, n * bs, D].
+
+    One ``index_select`` along dim 0 of the flattened cache: ATen copies whole rows (one
+    block of one head, bs * D values) at memcpy speed. Selecting along dim 1 of the 4-D
+    tensor was 1.6x slower (353 vs 221 us for 288 blocks, 4 heads, 16 x 64, 2 threads).
     """
-    out = torch.index_select(cache, 1, block_ids)
-    return out.view(cache.shape[0], -1, cache.shape[-1])
+    hkv, num_blocks, bs, d = cache.shape
+    out = torch.index_select(cache.view(hkv * num_blocks, bs * d), 0, rows)
+    return out.view(hkv, -1, d)
+
+
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """cache [Hkv, N, bs, D] (K or V of one layer), block_ids [n] -> [Hkv, n * bs, D]."""
+    return gather_rows(cache, block_rows(block_ids, cache.shape[0], cache.shape[1]))
 
 
 def read_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -126,9 +142,9 @@ class PagedAttention(nn.Module):
         """
         b, hkv, d = q.shape[0], self.num_kv_heads, self.head_dim
         groups = self.num_heads // hkv
-        table = meta.decode_block_tables.reshape(-1)
-        keys = gather_blocks(kv_cache[0], table).view(hkv * b, -1, d)  # [Hkv*B, L, D]
-        values = gather_blocks(kv_cache[1], table).view(hkv * b, -1, d)
+        rows = block_rows(meta.decode_block_tables.reshape(-1), hkv, kv_cache.shape[2])
+        keys = gather_rows(kv_cache[0], rows).view(hkv * b, -1, d)  # [Hkv*B, L, D]
+        values = gather_rows(kv_cache[1], rows).view(hkv * b, -1, d)
         qg = q.view(b, hkv, groups, d).transpose(0, 1).reshape(hkv * b, groups, d)  # [Hkv*B, G, D]
         scores = torch.baddbmm(meta.decode_mask, qg.to(keys.dtype), keys.transpose(1, 2), alpha=self.scale)
         probs = torch.softmax(scores, dim=-1) if scores.dtype == torch.float32 else \
@@ -144,8 +160,9 @@ class PagedAttention(nn.Module):
             keys = k_new[p.q_start:p.q_end].transpose(0, 1)  # [Hkv, S, D]
             values = v_new[p.q_start:p.q_end].transpose(0, 1)
         else:
-            keys = gather_blocks(kv_cache[0], p.block_ids)[:, :p.seq_len]
-            values = gather_blocks(kv_cache[1], p.block_ids)[:, :p.seq_len]
+            rows = block_rows(p.block_ids, self.num_kv_heads, kv_cache.shape[2])
+            keys = gather_rows(kv_cache[0], rows)[:, :p.seq_len]
+            values = gather_rows(kv_cache[1], rows)[:, :p.seq_len]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),  # [1, H, Tq, D]
             keys.unsqueeze(0).to(q.dtype),  # [1, Hkv, S, D]
