@@ -131,6 +131,13 @@ def test_router_request_span_and_metrics(spans):
     assert reg.get_sample_value("tandem_requests_inflight", labels) == 0
 
 
+def _router_histogram(rt: RouterTelemetry, name: str):
+    """(count, sum, bucket(le)) of one of the router's histograms."""
+    reg, labels = rt.metrics.registry, {"model": "m", "role": "router", "replica": "r0"}
+    return (reg.get_sample_value(f"{name}_count", labels), reg.get_sample_value(f"{name}_sum", labels),
+            lambda le: reg.get_sample_value(f"{name}_bucket", {**labels, "le": le}))
+
+
 def test_router_token_delay_is_observed_per_message_with_tokens(spans):
     _, tracer = spans
     rt = RouterTelemetry(Identity("m", "router", "r0"), tracer=tracer)
@@ -141,13 +148,9 @@ def test_router_token_delay_is_observed_per_message_with_tokens(spans):
     obs.handed_over(StreamChunk([], finish_reason="abort", emitted_at=now - 5))  # no tokens: not observed
     obs.handed_over(StreamChunk([10]))  # no stamp (e.g. an older worker): not observed
     obs.end()
-    reg, labels = rt.metrics.registry, {"model": "m", "role": "router", "replica": "r0"}
-
-    def bucket(le):
-        return reg.get_sample_value("tandem_router_token_delay_seconds_bucket", {**labels, "le": le})
-
-    assert reg.get_sample_value("tandem_router_token_delay_seconds_count", labels) == 2
-    assert 0.0033 <= reg.get_sample_value("tandem_router_token_delay_seconds_sum", labels) < 0.5
+    count, total, bucket = _router_histogram(rt, "tandem_router_token_delay_seconds")
+    assert count == 2
+    assert 0.0033 <= total < 0.5
     assert (bucket("0.00025"), bucket("0.0005"), bucket("0.002"), bucket("0.005")) == (0, 1, 1, 2)
 
 
@@ -162,14 +165,10 @@ def test_router_dwell_is_observed_per_message_with_tokens(spans):
     obs.handed_over(StreamChunk([10], emitted_at=now - 0.001))  # not stamped on arrival: delay only
     obs.handed_over(StreamChunk([11], arrived_at=now + 60))  # a clock step back counts as 0
     obs.end()
-    reg, labels = rt.metrics.registry, {"model": "m", "role": "router", "replica": "r0"}
-
-    def bucket(le):
-        return reg.get_sample_value("tandem_router_dwell_seconds_bucket", {**labels, "le": le})
-
-    assert reg.get_sample_value("tandem_router_dwell_seconds_count", labels) == 3
-    assert reg.get_sample_value("tandem_router_token_delay_seconds_count", labels) == 2
-    assert 0.0033 <= reg.get_sample_value("tandem_router_dwell_seconds_sum", labels) < 0.5
+    count, total, bucket = _router_histogram(rt, "tandem_router_dwell_seconds")
+    assert count == 3
+    assert _router_histogram(rt, "tandem_router_token_delay_seconds")[0] == 2
+    assert 0.0033 <= total < 0.5
     assert (bucket("0.0001"), bucket("0.0005"), bucket("0.002"), bucket("0.005")) == (1, 2, 2, 3)
 
 
