@@ -32,18 +32,18 @@ class Sampler:
                  generators: list[torch.Generator | None]) -> SampleResult:
         """logits [N, V] float32 -> one token per row."""
         logits = logits.float()
-        tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
-        sampled = [i for i, p in enumerate(params) if not p.greedy]
         if len(greedy) == len(params):  # all greedy: no row selection (a copy of the logits)
-            tokens = argmax_rows(logits)
-        elif greedy:
+            token_list = argmax_rows(logits).tolist()
+            return SampleResult(token_list, self._logprobs(logits, params, token_list))
+        tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if greedy:
             idx = torch.tensor(greedy, device=logits.device)
             tokens[idx] = argmax_rows(logits[idx])
-        if sampled:
-            idx = torch.tensor(sampled, device=logits.device)
-            probs = filtered_probs(logits[idx], [params[i] for i in sampled])
-            tokens[idx] = self._draw(probs, [generators[i] for i in sampled])
+        idx = torch.tensor(sampled, device=logits.device)
+        probs = filtered_probs(logits[idx], [params[i] for i in sampled])
+        tokens[idx] = self._draw(probs, [generators[i] for i in sampled])
         token_list = tokens.tolist()
         return SampleResult(token_list, self._logprobs(logits, params, token_list))
 
