@@ -89,11 +89,6 @@ def gather_rows(cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return out.view(hkv, -1, d)
 
 
-def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    """cache [Hkv, N, bs, D] (K or V of one layer), block_ids [n] -> [Hkv, n * bs, D]."""
-    return gather_rows(cache, block_rows(block_ids, cache.shape[0], cache.shape[1]))
-
-
 def read_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     """Copy blocks out: kv_cache [2, Hkv, N, bs, D] -> [2, n, bs, Hkv, D] (transfer layout)."""
     return kv_cache.index_select(2, block_ids).permute(0, 2, 3, 1, 4).contiguous()
