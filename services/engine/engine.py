@@ -18,7 +18,7 @@ from services.engine.config import EngineConfig
 from services.engine.kv_cache import KVCacheManager, block_hash_chain, hash_seed
 from services.engine.malloc import keep_large_buffers_in_heap
 from services.engine.model.attention import read_blocks, write_blocks
-from services.engine.model.packing import use_onednn_linears
+from services.engine.model.cpu_backend import use_cpu_backend
 from services.engine.model.registry import load_model
 from services.engine.outputs import TokenChunk
 from services.engine.request import Request
@@ -52,7 +52,7 @@ class LLMEngine:
         if self.device.type == "cpu":
             keep_large_buffers_in_heap()  # see malloc.py: +15-25% decode throughput measured
         self.model = load_model(config.model, device=self.device, dtype=config.dtype)
-        use_onednn_linears(self.model)  # CPU fp32 only; see packing.py for the measurements
+        self.cpu_backend = use_cpu_backend(self.model)  # CPU fp32 only; see cpu_backend.py
         self.model_config = self.model.config
         self.tokenizer = Tokenizer(config.model)
         self.detokenizer = Detokenizer(self.tokenizer)

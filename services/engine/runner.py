@@ -48,6 +48,8 @@ class ModelRunner:
         # zeros, not empty: masked decode reads padding blocks, which must hold finite values
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.mask_dtype = dtype
+        # the CPU kernels' decode attention reads seq_lens, not the additive mask (use_cpu_kernels)
+        self.decode_mask_needed = getattr(model, "decode_mask_needed", True)
 
     @torch.inference_mode()
     def execute(self, schedule: dict[str, int], requests: dict[str, Request]) -> StepResult:
@@ -98,11 +100,13 @@ class ModelRunner:
                 t = tables[r][:width]
                 bt[i, :len(t)] = t
             dec_tables = torch.from_numpy(bt).to(dev)
-            dec_mask = decode_mask(torch.tensor(seq_lens, device=dev), width * bs, self.sliding_window,
-                                   self.mask_dtype, self.num_kv_heads)
+            dec_lens = torch.tensor(seq_lens, dtype=torch.long, device=dev)
+            dec_mask = decode_mask(dec_lens, width * bs, self.sliding_window, self.mask_dtype,
+                                   self.num_kv_heads) if self.decode_mask_needed else None
         else:
             dec_tables = torch.zeros((0, 1), dtype=torch.long, device=dev)
-            dec_mask = torch.zeros((0, 1, bs), dtype=self.mask_dtype, device=dev)
+            dec_lens = torch.zeros(0, dtype=torch.long, device=dev)
+            dec_mask = torch.zeros((0, 1, bs), dtype=self.mask_dtype, device=dev) if self.decode_mask_needed else None
         slices, row = [], len(decodes)
         for r in prefills:
             n = schedule[r]
@@ -115,5 +119,5 @@ class ModelRunner:
             row += n
         return AttentionMetadata(
             slot_mapping=torch.from_numpy(slots).to(dev),
-            num_decodes=len(decodes), decode_block_tables=dec_tables, decode_mask=dec_mask,
+            num_decodes=len(decodes), decode_block_tables=dec_tables, decode_mask=dec_mask, decode_seq_lens=dec_lens,
             prefills=tuple(slices))

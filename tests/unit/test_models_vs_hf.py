@@ -3,6 +3,8 @@
 Every tiny architecture: one prefill of the prompt, then greedy decode steps, and the same
 sequence as two chunks (the second attends to the cached first). Log-probabilities must
 match transformers' full-sequence forward within 1e-4 and the argmax must be identical.
+Each case runs twice: the plain torch modules, and the CPU backend the engine installs (the
+compiled kernels where this machine builds them; see services/engine/model/cpu_backend.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from services.engine.make_model import make_model
 from services.engine.model.attention import AttentionMetadata, PrefillSlice, causal_mask, decode_mask, kv_cache_shape
+from services.engine.model.cpu_backend import use_cpu_backend
 from services.engine.model.registry import load_model
 
 transformers = pytest.importorskip("transformers")
@@ -43,9 +46,9 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """case id -> (our model, transformers model), built lazily once per module."""
+@pytest.fixture(scope="module", params=["torch", "cpu-backend"])
+def checkpoints(request, tmp_path_factory):
+    """case id -> (our model, transformers model), built lazily once per module and backend."""
     cache = {}
 
     def get(case: str):
@@ -54,7 +57,10 @@ def checkpoints(tmp_path_factory):
             path = make_model(name, tmp_path_factory.mktemp(case), seed=1, overrides=overrides)
             hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                                    attn_implementation="eager").eval()
-            cache[case] = (load_model(path), hf)
+            ours = load_model(path)
+            if request.param == "cpu-backend":
+                use_cpu_backend(ours)
+            cache[case] = (ours, hf)
         return cache[case]
 
     return get
@@ -74,14 +80,16 @@ def _prefill(row: int, blocks: list[int], start: int, end: int, window: int | No
 def _prefill_meta(blocks: list[int], start: int, end: int, window: int | None) -> AttentionMetadata:
     return AttentionMetadata(slot_mapping=_slots(blocks, start, end), num_decodes=0,
                              decode_block_tables=torch.zeros(0, 1, dtype=torch.long),
-                             decode_mask=torch.zeros(0, 1, BLOCK_SIZE), prefills=(_prefill(0, blocks, start, end, window),))
+                             decode_mask=torch.zeros(0, 1, BLOCK_SIZE), decode_seq_lens=torch.zeros(0, dtype=torch.long),
+                             prefills=(_prefill(0, blocks, start, end, window),))
 
 
 def _decode_fields(blocks: list[int], pos: int, window: int | None) -> dict:
     n = pos // BLOCK_SIZE + 1
     return dict(slot_mapping=_slots(blocks, pos, pos + 1), num_decodes=1,
                 decode_block_tables=torch.tensor([blocks[:n]]),
-                decode_mask=decode_mask(torch.tensor([pos + 1]), n * BLOCK_SIZE, window, torch.float32))
+                decode_mask=decode_mask(torch.tensor([pos + 1]), n * BLOCK_SIZE, window, torch.float32),
+                decode_seq_lens=torch.tensor([pos + 1]))
 
 
 def _kv_caches(model) -> list[torch.Tensor]:

@@ -53,7 +53,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64, cache slot where each new token's K/V goes
     num_decodes: int  # number of decode sequences (= their token rows)
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int64 (padded with 0)
-    decode_mask: torch.Tensor  # [Hkv*num_decodes, 1, max_blocks*block_size] additive mask (0 / -inf), kv-head major
+    decode_mask: torch.Tensor | None  # [Hkv*num_decodes, 1, max_blocks*block_size] additive mask (0 / -inf),
+    # kv-head major; None when the model reads ``decode_seq_lens`` instead (the CPU kernels)
+    decode_seq_lens: torch.Tensor  # [num_decodes] int64, tokens in cache per decode sequence (this one included)
     prefills: tuple[PrefillSlice, ...]  # the other sequences, rows after the decodes
 
 
@@ -112,11 +114,17 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.sliding_window = sliding_window
+        # the engine's CPU kernels (set by use_cpu_kernels): K/V writes and decode attention read
+        # the paged cache in place, from ``decode_seq_lens`` (no gather, no mask)
+        self.ops = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] for the new tokens -> output [T, H, D]."""
-        write_kv(kv_cache, k, v, meta.slot_mapping)
+        if self.ops is not None:
+            self.ops.write_kv(kv_cache, k, v, meta.slot_mapping)
+        else:
+            write_kv(kv_cache, k, v, meta.slot_mapping)
         nd = meta.num_decodes
         if not meta.prefills:  # decode-only step: no scatter into a shared output
             return self._decode(q, kv_cache, meta)
@@ -135,6 +143,9 @@ class PagedAttention(nn.Module):
         Batched over (kv head, sequence): scores [Hkv*B, G, L] = scale * q @ K^T + mask in
         one ``baddbmm``, G = H / Hkv query heads sharing each kv head.
         """
+        if self.ops is not None:
+            return self.ops.decode_attention(q, kv_cache, meta.decode_block_tables, meta.decode_seq_lens,
+                                             self.scale, self.sliding_window or 0)
         b, hkv, d = q.shape[0], self.num_kv_heads, self.head_dim
         groups = self.num_heads // hkv
         rows = block_rows(meta.decode_block_tables.reshape(-1), hkv, kv_cache.shape[2])

@@ -39,6 +39,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype) if c.qk_norm else None
         self.attn = PagedAttention(c.num_heads, c.num_kv_heads, c.head_dim, scale=c.head_dim ** -0.5,
                                    sliding_window=c.sliding_window)
+        self.ops = None  # the engine's CPU kernels, set by use_cpu_kernels (rope in place)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -47,7 +48,11 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) Dh]
         qk_size = self.q_size + self.kv_size
         v = qkv[:, qk_size:].view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is None:  # rotate q and k heads together in one pass
+        if self.q_norm is None and self.ops is not None:  # rotate q and k inside qkv, one kernel call
+            self.ops.rope_(qkv[:, :qk_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+            q = qkv[:, :self.q_size].view(t, self.num_heads, self.head_dim)
+            k = qkv[:, self.q_size:qk_size].view(t, self.num_kv_heads, self.head_dim)
+        elif self.q_norm is None:  # rotate q and k heads together in one pass
             qk = apply_rope(qkv[:, :qk_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         else:  # Qwen3: RMSNorm per head before rope
@@ -74,11 +79,18 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """x [T, D] -> [T, D] (x is not modified)."""
-        h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta).add_(x)
-        return self.mlp(self.post_attention_layernorm(h)).add_(h)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D]: the previous layer's output (the embeddings for layer 0, ``residual`` None);
+        residual [T, D]: the residual stream before adding x. Returns (this layer's output, the
+        residual stream before adding it); ``residual`` is updated in place. Same sums as
+        ``h = x + attn(norm(x)); out = h + ffn(norm(h))``, with each add fused into the next norm."""
+        if residual is None:
+            residual, normed = x, self.input_layernorm(x)
+        else:
+            normed = self.input_layernorm.add_forward(x, residual)
+        attn = self.self_attn(normed, cos, sin, kv_cache, meta)
+        return self.mlp(self.post_attention_layernorm.add_forward(attn, residual)), residual
 
 
 class CausalLM(nn.Module):
@@ -108,10 +120,10 @@ class CausalLM(nn.Module):
         kv_caches: one [2, Hkv, blocks, block_size, Dh] tensor per layer (written in place)
         -> hidden [T, D] after the final norm."""
         cos, sin = self.rotary(positions, self.dtype)
-        x = self.embed_tokens(input_ids)  # [T, D]
+        x, residual = self.embed_tokens(input_ids), None  # [T, D]; the lookup is a new tensor
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv_cache, meta)
+        return self.norm.add_forward(x, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, D] -> logits [N, V] float32."""

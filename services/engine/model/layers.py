@@ -26,13 +26,23 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
         self.eps = eps
+        self.ops = None  # the engine's CPU kernels (services/engine/kernels), set by use_cpu_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., dim] -> [..., dim], same dtype."""
+        if self.ops is not None and x.dim() == 2 and x.stride(-1) == 1:
+            return self.ops.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         normed = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
         return self.weight * normed.to(x.dtype)  # HF order: cast back, then scale
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The residual stream's ``residual += x`` (in place), then the norm of the sum.
+        x, residual [T, dim] -> [T, dim]."""
+        if self.ops is not None and x.stride(-1) == 1 and residual.stride(-1) == 1:
+            return self.ops.rms_norm(x, self.weight, self.eps, residual)
+        return self(residual.add_(x))
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -118,7 +128,10 @@ class GatedMLP(nn.Module):
         # weight [2I, D]: rows [0, I) = HF gate_proj, rows [I, 2I) = HF up_proj
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False, dtype=dtype)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False, dtype=dtype)
+        self.ops = None  # the engine's CPU kernels, set by use_cpu_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> [T, D]."""
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        act = self.ops.silu_and_mul(gate_up) if self.ops is not None else silu_and_mul(gate_up)
+        return self.down_proj(act)

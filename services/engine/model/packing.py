@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 PACK_HINT_ROWS = 128  # batch-size hint of oneDNN's weight layout (see the table above)
+PANEL = 64  # output columns per panel of the panel64 layout (the kernels' ``PANEL``)
+SMALL_ROWS = 8  # rows up to which PanelLinear calls the kernels' linear_small
 
 
 def onednn_available() -> bool:
@@ -60,39 +62,94 @@ class OneDNNLinear(nn.Module):
         return packed_linear(x, self.weight, self.bias)
 
 
-class TiedHead:
-    """``linear_fn`` of a tied LM head: the packed copy of the embedding table."""
+class PanelLinear(nn.Module):
+    """Drop-in for ``nn.Linear`` on CPU fp32 with the engine's kernels: ``weight`` is the panel64
+    matrix [ceil(out / 64), in, 64] (``to_panels``). 1..8 rows (decode) run through the kernels'
+    ``linear_small``, which reads each panel once at memory speed; more rows run one batched
+    torch matmul over the panels (see the module docstring for both measurements)."""
 
-    def __init__(self, table: torch.Tensor):
+    def __init__(self, linear: nn.Linear, ops):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(to_panels(linear.weight), requires_grad=False)
+        self.bias = linear.bias
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return panel_linear(x, self.weight, self.out_features, self.bias, self.ops)
+
+
+def to_panels(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] -> panel64 [ceil(N / 64), K, 64]: [b, k, j] = weight[64 b + j, k], zero past N."""
+    n, k = weight.shape
+    nb = -(-n // PANEL)
+    padded = torch.zeros(nb * PANEL, k, dtype=weight.dtype)
+    padded[:n] = weight.detach()
+    return padded.view(nb, PANEL, k).transpose(1, 2).contiguous()
+
+
+def panel_linear(x: torch.Tensor, panels: torch.Tensor, n_out: int, bias: torch.Tensor | None, ops) -> torch.Tensor:
+    """x [..., K], panels [NB, K, 64] -> [..., n_out] (``x @ W^T + bias``)."""
+    flat = x.reshape(-1, x.shape[-1])
+    rows = flat.shape[0]
+    if rows <= SMALL_ROWS and flat.stride(-1) == 1:
+        out = ops.linear_small(flat, panels, bias, n_out)
+    else:
+        blocks = torch.matmul(flat, panels)  # [NB, rows, 64]
+        out = blocks.transpose(0, 1).reshape(rows, -1)
+        if out.shape[1] != n_out:
+            out = out[:, :n_out].contiguous()
+        if bias is not None:
+            out.add_(bias)
+    return out.view(*x.shape[:-1], n_out)
+
+
+class TiedHead:
+    """``linear_fn`` of a tied LM head: a packed copy of the embedding table (the lookup keeps
+    the plain table). ``pack`` / ``apply`` are one linear backend's weight transform and GEMM."""
+
+    def __init__(self, table: torch.Tensor, pack, apply):
         self.table = table
-        self.packed = pack_weight(table)
+        self.packed = pack(table)
+        self.apply = apply
 
     def __call__(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if weight is not self.table:
             raise ValueError("TiedHead called with another weight than the table it packed")
-        return packed_linear(hidden, self.packed)
+        return self.apply(hidden, self.packed)
 
 
-def use_onednn_linears(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.Linear`` in ``model`` by a ``OneDNNLinear`` (in place, weights packed);
-    a model with a tied LM head (``lm_head is None``, ``linear_fn``) gets a ``TiedHead``.
-    No-op when oneDNN is unavailable or the model is not fp32 on CPU."""
+def use_cpu_linears(model: nn.Module, ops=None) -> nn.Module:
+    """Replace every ``nn.Linear`` in ``model`` (in place): by ``PanelLinear`` when the engine's
+    CPU kernels ``ops`` are given, else by ``OneDNNLinear``; a tied LM head (``lm_head is None``)
+    gets a ``TiedHead`` in the same layout. No-op unless the model is fp32 on CPU (and, without
+    kernels, oneDNN is available)."""
     param = next(model.parameters())
-    if param.device.type != "cpu" or param.dtype != torch.float32 or not onednn_available():
+    if param.device.type != "cpu" or param.dtype != torch.float32 or (ops is None and not onednn_available()):
         return model
+    if ops is not None:
+        make = lambda linear: PanelLinear(linear, ops)  # noqa: E731
+        head = TiedHead(model.embed_tokens.weight, to_panels,
+                        lambda h, p: panel_linear(h, p, model.config.vocab_size, None, ops)) \
+            if hasattr(model, "embed_tokens") else None
+    else:
+        make = OneDNNLinear
+        head = TiedHead(model.embed_tokens.weight, pack_weight, packed_linear) \
+            if hasattr(model, "embed_tokens") else None
     with torch.no_grad():
-        _replace(model)
+        _replace(model, make)
         if hasattr(model, "linear_fn") and getattr(model, "lm_head", None) is None:
-            model.linear_fn = TiedHead(model.embed_tokens.weight)
+            model.linear_fn = head
     return model
 
 
-def _replace(module: nn.Module) -> None:
+def _replace(module: nn.Module, make) -> None:
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, OneDNNLinear(child))
+            setattr(module, name, make(child))
         else:
-            _replace(child)
+            _replace(child, make)
 
 
-__all__ = ["OneDNNLinear", "TiedHead", "onednn_available", "pack_weight", "packed_linear", "use_onednn_linears"]
+__all__ = ["OneDNNLinear", "PanelLinear", "TiedHead", "onednn_available", "pack_weight", "packed_linear",
+           "panel_linear", "to_panels", "use_cpu_linears"]

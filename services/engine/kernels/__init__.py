@@ -1,0 +1,51 @@
+"""Tandem's own CPU kernels (``cpu_ops.cpp``), compiled on first use with torch's extension builder.
+
+``load_cpu_ops()`` returns the compiled module, or None where it cannot run here (no AVX2/FMA,
+no C++ compiler, ``TANDEM_CPU_KERNELS=0``); the engine then keeps its plain torch path. The
+build is cached per source, flags and torch version (torch's ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``) and guarded by a file lock, so concurrent processes (test
+workers, Ray replicas) compile it once. ``python -m services.engine.kernels`` builds it ahead of
+time (``make`` does).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+# -ffp-contract=off: a * b + c stays two roundings, like torch's eager ops (intrinsics unaffected)
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"]
+ENV_SWITCH = "TANDEM_CPU_KERNELS"  # "0" turns the kernels off (the torch path runs)
+
+
+def cpu_supports_kernels() -> bool:
+    """AVX2 with FMA (torch reports AVX2 or AVX512 capability) on x86-64."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+@functools.cache
+def load_cpu_ops():
+    """The compiled kernel module, or None (logged once) where it is unavailable."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    if not cpu_supports_kernels():
+        log.info("CPU kernels off: this CPU has no AVX2 (torch capability %s)",
+                 torch.backends.cpu.get_cpu_capability())
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+        return load(name="tandem_cpu_ops", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as exc:  # no compiler, no ninja, a failed build: the torch path still works
+        log.warning("CPU kernels unavailable, using torch ops: %s", exc)
+        return None
+
+
+__all__ = ["ENV_SWITCH", "cpu_supports_kernels", "load_cpu_ops"]

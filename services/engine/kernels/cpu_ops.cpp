@@ -1,0 +1,344 @@
+// CPU fp32 kernels for decode-shaped work (AVX2 + FMA), built by services/engine/kernels/__init__.py.
+//
+// Why they exist: a batch-1 decode step is memory-bound on the weights, and torch's eager ops
+// spend most of the rest of the step in per-op overhead on [1, hidden] tensors. Each kernel
+// here is one call for what torch does in 5-15 ops, and the small-M linear streams a weight
+// panel once at memory speed.
+//
+// Weight layout "panel64": W [N, K] (nn.Linear, out x in) stored as [NB, K, 64] with
+// NB = ceil(N / 64), element [b, k, j] = W[b * 64 + j, k] (rows past N are zero). One panel is
+// 64 output columns for every k, so a 1-row GEMV reads it front to back.
+//
+// Numerics: fp32 throughout; products are summed in a different order than torch's, so results
+// match torch to rounding (tests compare with tolerances), never bit for bit.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kPanel = 64;   // output columns per weight panel
+constexpr int64_t kChunk = 4;   // k rows per slice of a panel (1 KB; measured best of 1, 4, 16, 64)
+constexpr int64_t kMaxSmallRows = 8;  // rows of linear_small, in groups of up to 4
+
+void check_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
+}
+
+// ---- small-M linear over panel64 weights ------------------------------------------------------
+
+// One row of x against one panel: 8 accumulators cover the 64 columns; the panel is read once,
+// front to back. out[64] receives the dot products.
+inline void panel_row1(const float* x, int64_t K, const float* P, float* out) {
+  __m256 c[8];
+  for (int j = 0; j < 8; ++j) c[j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 a = _mm256_broadcast_ss(x + k);
+    const float* b = P + k * kPanel;
+    for (int j = 0; j < 8; ++j) c[j] = _mm256_fmadd_ps(a, _mm256_loadu_ps(b + 8 * j), c[j]);
+  }
+  for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + 8 * j, c[j]);
+}
+
+// MR rows (2..4) against one panel: the panel is walked in kChunk-row slices; each 16-column
+// group of a slice is applied to all MR rows while the slice is in L1; partial sums live in out.
+// (Register accumulators for all 64 columns of MR >= 2 rows would not fit the 16 ymm registers.)
+template <int MR>
+void panel_rows(const float* x, int64_t ldx, int64_t K, const float* P, float* out /*[MR][64]*/) {
+  std::fill(out, out + MR * kPanel, 0.f);
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    const int64_t k1 = std::min(K, k0 + kChunk);
+    for (int g = 0; g < 4; ++g) {
+      __m256 c0[MR], c1[MR];
+      for (int m = 0; m < MR; ++m) {
+        c0[m] = _mm256_loadu_ps(out + m * kPanel + 16 * g);
+        c1[m] = _mm256_loadu_ps(out + m * kPanel + 16 * g + 8);
+      }
+      for (int64_t k = k0; k < k1; ++k) {
+        const float* b = P + k * kPanel + 16 * g;
+        const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+        for (int m = 0; m < MR; ++m) {
+          const __m256 a = _mm256_broadcast_ss(x + m * ldx + k);
+          c0[m] = _mm256_fmadd_ps(a, b0, c0[m]);
+          c1[m] = _mm256_fmadd_ps(a, b1, c1[m]);
+        }
+      }
+      for (int m = 0; m < MR; ++m) {
+        _mm256_storeu_ps(out + m * kPanel + 16 * g, c0[m]);
+        _mm256_storeu_ps(out + m * kPanel + 16 * g + 8, c1[m]);
+      }
+    }
+  }
+}
+
+// x [M, K] (M <= 8, rows contiguous), w [NB, K, 64] panel64, bias [N] or undefined -> [M, N].
+at::Tensor linear_small(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                        int64_t n_out) {
+  check_f32(x, "x");
+  check_f32(w, "w");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [M, K] with contiguous rows");
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == kPanel && w.is_contiguous(), "w must be a contiguous [NB, K, 64] panel64 weight");
+  const int64_t M = x.size(0), K = x.size(1), NB = w.size(0);
+  TORCH_CHECK(M >= 1 && M <= kMaxSmallRows, "linear_small takes 1..", kMaxSmallRows, " rows, got ", M);
+  TORCH_CHECK(w.size(1) == K, "x has ", K, " features, the weight ", w.size(1));
+  TORCH_CHECK(n_out > (NB - 1) * kPanel && n_out <= NB * kPanel, "n_out ", n_out, " does not fit ", NB, " panels");
+  const float* B = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    check_f32(*bias, "bias");
+    TORCH_CHECK(bias->numel() == n_out && bias->is_contiguous(), "bias must be [N] contiguous");
+    B = bias->data_ptr<float>();
+  }
+  at::Tensor y = at::empty({M, n_out}, x.options());
+  const float* X = x.data_ptr<float>();
+  const float* W = w.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const int64_t ldx = x.stride(0);
+  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    alignas(32) float out[kMaxSmallRows * kPanel];
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* P = W + b * K * kPanel;
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {  // rows 4..7 re-read the panel, mostly from L2
+        const float* xr = X + m0 * ldx;
+        float* o = out + m0 * kPanel;
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: panel_row1(xr, K, P, o); break;
+          case 2: panel_rows<2>(xr, ldx, K, P, o); break;
+          case 3: panel_rows<3>(xr, ldx, K, P, o); break;
+          default: panel_rows<4>(xr, ldx, K, P, o); break;
+        }
+      }
+      const int64_t cols = std::min(kPanel, n_out - b * kPanel);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < cols; ++j)
+          Y[m * n_out + b * kPanel + j] = out[m * kPanel + j] + (B ? B[b * kPanel + j] : 0.f);
+    }
+  });
+  return y;
+}
+
+// ---- RMSNorm (optionally fused with the residual add) -----------------------------------------
+
+// out[t] = w * (r[t] * rsqrt(mean(r[t]^2) + eps)), where r = x, or r = residual += x when a
+// residual is given (updated in place: the next layer's residual stream).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
+                    const c10::optional<at::Tensor>& residual) {
+  check_f32(x, "x");
+  check_f32(weight, "weight");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [T, D] with contiguous rows");
+  const int64_t T = x.size(0), D = x.size(1);
+  TORCH_CHECK(weight.numel() == D && weight.is_contiguous(), "weight must be [D] contiguous");
+  float* R = nullptr;
+  int64_t ldr = 0;
+  if (residual.has_value() && residual->defined()) {
+    check_f32(*residual, "residual");
+    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == T && residual->size(1) == D && residual->stride(1) == 1,
+                "residual must be [T, D] like x");
+    R = residual->data_ptr<float>();
+    ldr = residual->stride(0);
+  }
+  at::Tensor out = at::empty({T, D}, x.options());
+  const float* X = x.data_ptr<float>();
+  const float* Wt = weight.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const int64_t ldx = x.stride(0);
+  const float epsf = static_cast<float>(eps);
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* src = X + t * ldx;
+      if (R) {
+        float* r = R + t * ldr;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) r[d] += src[d];
+        src = r;
+      }
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t d = 0; d < D; ++d) ss += src[d] * src[d];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + epsf);
+      float* o = O + t * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) o[d] = Wt[d] * (src[d] * inv);
+    }
+  });
+  return out;
+}
+
+// ---- rotary embedding, in place -----------------------------------------------------------------
+
+// x [T, H, Dh] (any strides, last dim contiguous), cos/sin [T, *, Dh/2] (last dim contiguous):
+// x = [x1 cos - x2 sin, x2 cos + x1 sin] per head (the rotate-half layout), in place.
+void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin) {
+  check_f32(x, "x");
+  check_f32(cos, "cos");
+  check_f32(sin, "sin");
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "x must be [T, H, Dh] with a contiguous last dim");
+  const int64_t T = x.size(0), H = x.size(1), half = x.size(2) / 2;
+  TORCH_CHECK(cos.size(0) == T && sin.size(0) == T && cos.size(-1) == half && sin.size(-1) == half &&
+              cos.stride(-1) == 1 && sin.stride(-1) == 1, "cos/sin must be [T, ..., Dh/2] for x's T and Dh");
+  float* Xp = x.data_ptr<float>();
+  const float* C = cos.data_ptr<float>();
+  const float* S = sin.data_ptr<float>();
+  const int64_t sx0 = x.stride(0), sx1 = x.stride(1), sc = cos.stride(0), ss = sin.stride(0);
+  at::parallel_for(0, T * H, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / H, h = i % H;
+      float* x1 = Xp + t * sx0 + h * sx1;
+      float* x2 = x1 + half;
+      const float* c = C + t * sc;
+      const float* s = S + t * ss;
+#pragma omp simd
+      for (int64_t d = 0; d < half; ++d) {
+        const float a = x1[d], b = x2[d];
+        const float ac = a * c[d], bs = b * s[d], bc = b * c[d], as = a * s[d];
+        x1[d] = ac - bs;
+        x2[d] = bc + as;
+      }
+    }
+  });
+}
+
+// ---- SwiGLU activation --------------------------------------------------------------------------
+
+// gate_up [T, 2I] (gate columns, then up) -> silu(gate) * up [T, I]; silu(g) = g / (1 + exp(-g)).
+at::Tensor silu_and_mul(const at::Tensor& gate_up) {
+  check_f32(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1 && gate_up.size(1) % 2 == 0,
+              "gate_up must be [T, 2I] with contiguous rows");
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2, ld = gate_up.stride(0);
+  at::Tensor out = at::empty({T, I}, gate_up.options());
+  const float* G = gate_up.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, T * I, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / I, j = i % I;
+      const float g = G[t * ld + j];
+      O[i] = (g / (1.f + std::exp(-g))) * G[t * ld + I + j];
+    }
+  });
+  return out;
+}
+
+// ---- paged KV cache -----------------------------------------------------------------------------
+
+// kv_cache [2, Hkv, N, bs, D] contiguous; k, v [T, Hkv, D] (last dim contiguous); slots [T] int64
+// (slot = block * bs + offset): cache[0/1, h, slot] = k/v[t, h].
+void write_kv(at::Tensor kv_cache, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots) {
+  check_f32(kv_cache, "kv_cache");
+  check_f32(k, "k");
+  check_f32(v, "v");
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
+              "kv_cache must be a contiguous [2, Hkv, N, bs, D] tensor");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(), "slots must be contiguous int64");
+  const int64_t Hkv = kv_cache.size(1), slots_total = kv_cache.size(2) * kv_cache.size(3), D = kv_cache.size(4);
+  const int64_t T = slots.numel();
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.size(0) == T && v.size(0) == T && k.size(1) == Hkv &&
+              v.size(1) == Hkv && k.size(2) == D && v.size(2) == D && k.stride(2) == 1 && v.stride(2) == 1,
+              "k and v must be [T, Hkv, D] matching slots and the cache");
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(sl[t] >= 0 && sl[t] < slots_total, "slot ", sl[t], " is outside the cache");
+  float* Kc = kv_cache.data_ptr<float>();
+  float* Vc = Kc + Hkv * slots_total * D;
+  const float* Kp = k.data_ptr<float>();
+  const float* Vp = v.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < Hkv; ++h) {
+      std::copy_n(Kp + t * k.stride(0) + h * k.stride(1), D, Kc + (h * slots_total + sl[t]) * D);
+      std::copy_n(Vp + t * v.stride(0) + h * v.stride(1), D, Vc + (h * slots_total + sl[t]) * D);
+    }
+}
+
+// One query token per sequence, read straight from the paged cache (no gather copy).
+// q [B, H, D] (last dim contiguous), kv_cache [2, Hkv, N, bs, D] contiguous, block_tables [B, W]
+// int64, seq_lens [B] int64 (tokens in cache, this step's included), window > 0 keeps only the
+// last `window` positions -> out [B, H, D]. Scores are scale * q.k, softmax in fp32.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                            const at::Tensor& seq_lens, double scale, int64_t window) {
+  check_f32(q, "q");
+  check_f32(kv_cache, "kv_cache");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [B, H, D] with a contiguous last dim");
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
+              "kv_cache must be a contiguous [2, Hkv, N, bs, D] tensor");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.is_contiguous(),
+              "block_tables must be contiguous [B, W] int64");
+  TORCH_CHECK(seq_lens.scalar_type() == at::kLong && seq_lens.is_contiguous(), "seq_lens must be contiguous int64");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t Hkv = kv_cache.size(1), N = kv_cache.size(2), bs = kv_cache.size(3);
+  TORCH_CHECK(kv_cache.size(4) == D && H % Hkv == 0, "q heads/dim do not fit the cache");
+  TORCH_CHECK(block_tables.size(0) == B && seq_lens.numel() == B, "one block table and seq_len per query");
+  const int64_t W = block_tables.size(1), G = H / Hkv;
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= W * bs, "seq_len ", lens[b], " does not fit its block table");
+    for (int64_t i = 0; i < (lens[b] + bs - 1) / bs; ++i)
+      TORCH_CHECK(bt[b * W + i] >= 0 && bt[b * W + i] < N, "block id ", bt[b * W + i], " is outside the cache");
+  }
+  at::Tensor out = at::empty({B, H, D}, q.options());
+  const float* Q = q.data_ptr<float>();
+  const float* Kc = kv_cache.data_ptr<float>();
+  const float* Vc = Kc + Hkv * N * bs * D;
+  float* O = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p;
+    std::vector<float> acc(D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / Hkv, h = i % Hkv, L = lens[b];
+      const int64_t start = window > 0 ? std::max<int64_t>(0, L - window) : 0;
+      p.resize(L - start);
+      const int64_t* table = bt + b * W;
+      const float* Kh = Kc + h * N * bs * D;
+      const float* Vh = Vc + h * N * bs * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qv = Q + b * q.stride(0) + (h * G + g) * q.stride(1);
+        float mx = -INFINITY;
+        for (int64_t t = start; t < L; ++t) {
+          const float* kv = Kh + (table[t / bs] * bs + t % bs) * D;
+          float s = 0.f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t d = 0; d < D; ++d) s += qv[d] * kv[d];
+          s *= sc;
+          p[t - start] = s;
+          mx = std::max(mx, s);
+        }
+        float sum = 0.f;
+        for (auto& e : p) {
+          e = std::exp(e - mx);
+          sum += e;
+        }
+        const float inv = 1.f / sum;
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t t = start; t < L; ++t) {
+          const float w = p[t - start] * inv;
+          const float* vv = Vh + (table[t / bs] * bs + t % bs) * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) acc[d] += w * vv[d];
+        }
+        std::copy(acc.begin(), acc.end(), O + (b * H + h * G + g) * D);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("linear_small", &linear_small, "x [M<=8, K] @ panel64 weight -> [M, N]", py::arg("x"), py::arg("w"),
+        py::arg("bias"), py::arg("n_out"), release());
+  m.def("rms_norm", &rms_norm, "RMSNorm, optionally after residual += x", py::arg("x"), py::arg("weight"),
+        py::arg("eps"), py::arg("residual") = py::none(), release());
+  m.def("rope_", &rope_, "rotate-half rotary embedding in place", release());
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", release());
+  m.def("write_kv", &write_kv, "store new K/V at their cache slots", release());
+  m.def("decode_attention", &decode_attention, "one-query attention over the paged cache", release());
+  m.attr("PANEL") = kPanel;
+  m.attr("MAX_SMALL_ROWS") = kMaxSmallRows;
+}

@@ -1,0 +1,50 @@
+"""The CPU fp32 fast path, installed on a built and loaded model (not as branches in the builder).
+
+Three levels, best available first:
+- ``kernels``: the engine's compiled kernels (services/engine/kernels): panel64 linears, fused
+  residual-add + RMSNorm, in-place rope, SwiGLU, K/V writes and decode attention that read the
+  paged cache in place. Needs AVX2 + FMA and a C++ compiler at first use.
+- ``onednn``: oneDNN linears with pre-packed weights (packing.py); torch ops for the rest.
+- ``torch``: plain torch everywhere (also every non-CPU or non-fp32 model).
+
+Every level gives the same tokens as transformers (tests/unit/test_models_vs_hf.py runs the
+kernels and plain torch); they differ only in summation order, so logits match to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from services.engine.kernels import load_cpu_ops
+from services.engine.model.packing import onednn_available, use_cpu_linears
+
+
+def use_cpu_kernels(model: nn.Module, ops) -> nn.Module:
+    """Point every module with an ``ops`` slot (norms, attention, MLPs) at ``ops``, in place, and
+    tell the runner that decode attention reads ``decode_seq_lens`` instead of a mask."""
+    for module in model.modules():
+        if hasattr(module, "ops"):
+            module.ops = ops
+    model.decode_mask_needed = False
+    return model
+
+
+def use_cpu_backend(model: nn.Module, kernels: bool = True) -> str:
+    """Install the best CPU fp32 path on ``model`` (in place); returns its name (see the module
+    docstring). ``kernels=False`` skips the compiled kernels."""
+    param = next(model.parameters())
+    if param.device.type != "cpu" or param.dtype != torch.float32:
+        return "torch"
+    ops = load_cpu_ops() if kernels else None
+    if ops is not None:
+        use_cpu_linears(model, ops)
+        use_cpu_kernels(model, ops)
+        return "kernels"
+    if onednn_available():
+        use_cpu_linears(model)
+        return "onednn"
+    return "torch"
+
+
+__all__ = ["use_cpu_backend", "use_cpu_kernels"]

@@ -1,0 +1,148 @@
+"""The engine's compiled CPU kernels (services/engine/kernels/cpu_ops.cpp) against torch.
+
+Every kernel is compared with the torch ops it replaces on shapes that exercise its edges:
+padded weight panels, biases, rows read through strides, GQA, out-of-order block tables,
+sliding windows; and bad arguments must raise instead of reading outside a tensor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from services.engine.kernels import cpu_supports_kernels, load_cpu_ops
+from services.engine.model.attention import block_rows, decode_mask, gather_rows, kv_cache_shape, write_kv
+from services.engine.model.layers import apply_rope
+from services.engine.model.packing import PANEL, SMALL_ROWS, panel_linear, to_panels
+
+pytestmark = pytest.mark.skipif(not cpu_supports_kernels(), reason="the kernels need an AVX2 + FMA CPU")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    ops = load_cpu_ops()
+    assert ops is not None, "the CPU kernels did not build (see the warning logged by load_cpu_ops)"
+    assert ops.PANEL == PANEL and ops.MAX_SMALL_ROWS == SMALL_ROWS
+    return ops
+
+
+def _close(got, want, tol=1e-5):
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 40])
+@pytest.mark.parametrize("n_out,k", [(64, 32), (200, 48), (7, 5), (1280, 768)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_panel_linear_matches_f_linear(ops, rows, n_out, k, bias):
+    g = torch.Generator().manual_seed(rows * 1000 + n_out)
+    w = torch.randn(n_out, k, generator=g) / k ** 0.5  # unit-scale outputs, so 1e-5 is rounding-sized
+    b = torch.randn(n_out, generator=g) if bias else None
+    x = torch.randn(rows, k, generator=g)
+    panels = to_panels(w)
+    assert panels.shape == (-(-n_out // PANEL), k, PANEL)
+    _close(panel_linear(x, panels, n_out, b, ops), F.linear(x, w, b))
+    # 3-D input keeps its leading dims
+    _close(panel_linear(x.view(rows, 1, k), panels, n_out, b, ops), F.linear(x, w, b).view(rows, 1, n_out))
+
+
+def test_linear_small_reads_strided_rows(ops):
+    w, x = torch.randn(96, 40), torch.randn(3, 100)
+    view = x[:, 10:50]  # rows 100 floats apart
+    _close(ops.linear_small(view, to_panels(w), None, 96), F.linear(view, w))
+
+
+def test_linear_small_rejects_bad_arguments(ops):
+    panels = to_panels(torch.randn(64, 16))
+    with pytest.raises(RuntimeError, match="1..8 rows"):
+        ops.linear_small(torch.randn(9, 16), panels, None, 64)
+    with pytest.raises(RuntimeError, match="features"):
+        ops.linear_small(torch.randn(1, 15), panels, None, 64)
+    with pytest.raises(RuntimeError, match="n_out"):
+        ops.linear_small(torch.randn(1, 16), panels, None, 65)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.linear_small(torch.randn(1, 16, dtype=torch.float64), panels, None, 64)
+
+
+@pytest.mark.parametrize("rows,dim", [(1, 768), (5, 64), (33, 100)])
+def test_rms_norm_and_fused_residual_add(ops, rows, dim):
+    x, w = torch.randn(rows, dim), torch.randn(dim)
+    _close(ops.rms_norm(x, w, 1e-6), F.rms_norm(x, (dim,), w, 1e-6))
+    residual = torch.randn(rows, dim)
+    want_residual = residual + x
+    got = ops.rms_norm(x, w, 1e-5, residual)
+    _close(residual, want_residual)  # updated in place
+    _close(got, F.rms_norm(want_residual, (dim,), w, 1e-5))
+
+
+@pytest.mark.parametrize("tokens,heads,head_dim", [(1, 16, 64), (7, 3, 32), (20, 6, 16)])
+def test_rope_in_place_matches_apply_rope(ops, tokens, heads, head_dim):
+    table = torch.randn(50, head_dim)
+    positions = torch.randint(0, 50, (tokens,))
+    cos, sin = table[positions].unsqueeze(1).chunk(2, dim=-1)
+    # q/k heads as a strided view inside a wider row, as in the fused qkv output
+    qkv = torch.randn(tokens, (heads + 2) * head_dim)
+    x = qkv[:, :heads * head_dim].view(tokens, heads, head_dim)
+    want = apply_rope(x.clone(), cos, sin)
+    untouched = qkv[:, heads * head_dim:].clone()
+    ops.rope_(x, cos, sin)
+    _close(x, want, tol=1e-6)
+    assert torch.equal(qkv[:, heads * head_dim:], untouched)
+
+
+@pytest.mark.parametrize("rows,width", [(1, 2048), (6, 100)])
+def test_silu_and_mul(ops, rows, width):
+    gate_up = torch.randn(rows, 2 * width) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    _close(ops.silu_and_mul(gate_up), F.silu(gate) * up, tol=1e-6)
+
+
+def _cache(num_blocks=12, block_size=4, hkv=2, d=8):
+    return torch.randn(kv_cache_shape(num_blocks, block_size, hkv, d))
+
+
+def test_write_kv_matches_torch(ops):
+    cache = _cache()
+    want = cache.clone()
+    kv = torch.randn(5, 2, 3, 8)  # [T, k/v/extra, Hkv, D]: k and v are strided views
+    k, v = kv[:, 0, :2], kv[:, 1, :2]
+    slots = torch.tensor([0, 17, 46, 5, 33])
+    write_kv(want, k, v, slots)
+    ops.write_kv(cache, k, v, slots)
+    assert torch.equal(cache, want)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.write_kv(cache, k, v, torch.tensor([0, 1, 2, 3, 48]))
+
+
+def _reference_decode(q, cache, tables, lens, scale, window):
+    """The torch decode path: gather each sequence's blocks, masked softmax attention."""
+    b, h, d = q.shape
+    hkv = cache.shape[1]
+    groups = h // hkv
+    width = tables.shape[1] * cache.shape[3]
+    rows = block_rows(tables.reshape(-1), hkv, cache.shape[2])
+    keys = gather_rows(cache[0], rows).view(hkv * b, -1, d)
+    values = gather_rows(cache[1], rows).view(hkv * b, -1, d)
+    mask = decode_mask(lens, width, window, torch.float32, hkv)
+    qg = q.view(b, hkv, groups, d).transpose(0, 1).reshape(hkv * b, groups, d)
+    probs = torch.softmax(torch.baddbmm(mask, qg, keys.transpose(1, 2), alpha=scale), dim=-1)
+    return torch.bmm(probs, values).view(hkv, b, groups, d).transpose(0, 1).reshape(b, h, d)
+
+
+@pytest.mark.parametrize("heads,hkv", [(4, 2), (2, 2), (6, 1)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_attention_reads_the_paged_cache(ops, heads, hkv, window):
+    cache = _cache(hkv=hkv)
+    tables = torch.tensor([[7, 2, 9, 0], [3, 11, 0, 0], [5, 0, 0, 0]])  # out of order, zero-padded
+    lens = torch.tensor([15, 6, 1])
+    q = torch.randn(3, heads + 1, 8)[:, :heads]  # a strided view, as sliced from qkv
+    got = ops.decode_attention(q, cache, tables, lens, 0.35, window or 0)
+    _close(got, _reference_decode(q.contiguous(), cache, tables, lens, 0.35, window))
+
+
+def test_decode_attention_rejects_bad_tables(ops):
+    cache, q = _cache(), torch.randn(1, 2, 8)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.decode_attention(q, cache, torch.tensor([[12]]), torch.tensor([3]), 1.0, 0)
+    with pytest.raises(RuntimeError, match="does not fit its block table"):
+        ops.decode_attention(q, cache, torch.tensor([[1]]), torch.tensor([5]), 1.0, 0)
