@@ -31,7 +31,7 @@ def _close(got, want, tol=1e-5):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 40, 600])
 @pytest.mark.parametrize("n_out,k", [(64, 32), (200, 48), (7, 5), (1280, 768)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_panel_linear_matches_f_linear(ops, rows, n_out, k, bias):

@@ -30,6 +30,25 @@ void check_f32(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
 }
 
+// e^x for 8 floats (|error| <= 2 ulp for x in [-87, 88]; clamped outside): x = n ln2 + r with
+// |r| <= ln2 / 2 (Cody-Waite split of ln2), e^r by Cephes' degree-7 polynomial, times 2^n.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
 // ---- small-M linear over panel64 weights ------------------------------------------------------
 
 // One row of x against one panel: 8 accumulators cover the 64 columns; the panel is read once,
@@ -213,11 +232,18 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
   at::Tensor out = at::empty({T, I}, gate_up.options());
   const float* G = gate_up.data_ptr<float>();
   float* O = out.data_ptr<float>();
-  at::parallel_for(0, T * I, 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i / I, j = i % I;
-      const float g = G[t * ld + j];
-      O[i] = (g / (1.f + std::exp(-g))) * G[t * ld + I + j];
+  at::parallel_for(0, T, std::max<int64_t>(1, 4096 / std::max<int64_t>(I, 1)), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* g = G + t * ld;
+      const float* u = g + I;
+      float* o = O + t * I;
+      int64_t j = 0;
+      for (; j + 8 <= I; j += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + j);
+        const __m256 sig = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
+        _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_div_ps(gv, sig), _mm256_loadu_ps(u + j)));
+      }
+      for (; j < I; ++j) o[j] = (g[j] / (1.f + std::exp(-g[j]))) * u[j];
     }
   });
   return out;
@@ -253,10 +279,41 @@ void write_kv(at::Tensor kv_cache, const at::Tensor& k, const at::Tensor& v, con
     }
 }
 
+inline float hsum8(__m256 v) {
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+
+// NQ query rows (compile-time, so the accumulators stay in registers) against one key row.
+template <int NQ>
+inline void dots_n(const float* const* qs, const float* k, int64_t D, float scale, float* scores) {
+  __m256 acc[NQ];
+  for (int g = 0; g < NQ; ++g) acc[g] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 kv = _mm256_loadu_ps(k + d);
+    for (int g = 0; g < NQ; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qs[g] + d), kv, acc[g]);
+  }
+  for (int g = 0; g < NQ; ++g) scores[g] = hsum8(acc[g]) * scale;
+}
+
+// Dot products of G query rows with one key row: scores[g] = scale * q_g . k (D % 8 == 0).
+inline void dots(const float* const* qs, int64_t G, const float* k, int64_t D, float scale, float* scores) {
+  int64_t g = 0;
+  for (; g + 4 <= G; g += 4) dots_n<4>(qs + g, k, D, scale, scores + g);
+  switch (G - g) {
+    case 3: dots_n<3>(qs + g, k, D, scale, scores + g); break;
+    case 2: dots_n<2>(qs + g, k, D, scale, scores + g); break;
+    case 1: dots_n<1>(qs + g, k, D, scale, scores + g); break;
+    default: break;
+  }
+}
+
 // One query token per sequence, read straight from the paged cache (no gather copy).
 // q [B, H, D] (last dim contiguous), kv_cache [2, Hkv, N, bs, D] contiguous, block_tables [B, W]
 // int64, seq_lens [B] int64 (tokens in cache, this step's included), window > 0 keeps only the
-// last `window` positions -> out [B, H, D]. Scores are scale * q.k, softmax in fp32.
+// last `window` positions -> out [B, H, D]. Scores are scale * q.k, softmax in fp32. The G query
+// heads of a KV head share one pass over its keys and one over its values.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
                             const at::Tensor& seq_lens, double scale, int64_t window) {
   check_f32(q, "q");
@@ -270,14 +327,17 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, con
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t Hkv = kv_cache.size(1), N = kv_cache.size(2), bs = kv_cache.size(3);
   TORCH_CHECK(kv_cache.size(4) == D && H % Hkv == 0, "q heads/dim do not fit the cache");
+  TORCH_CHECK(D % 8 == 0 && D <= 512, "head_dim must be a multiple of 8 up to 512, got ", D);
   TORCH_CHECK(block_tables.size(0) == B && seq_lens.numel() == B, "one block table and seq_len per query");
   const int64_t W = block_tables.size(1), G = H / Hkv;
   const int64_t* bt = block_tables.data_ptr<int64_t>();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  int64_t max_len = 1;
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(lens[b] >= 1 && lens[b] <= W * bs, "seq_len ", lens[b], " does not fit its block table");
     for (int64_t i = 0; i < (lens[b] + bs - 1) / bs; ++i)
       TORCH_CHECK(bt[b * W + i] >= 0 && bt[b * W + i] < N, "block id ", bt[b * W + i], " is outside the cache");
+    max_len = std::max(max_len, lens[b]);
   }
   at::Tensor out = at::empty({B, H, D}, q.options());
   const float* Q = q.data_ptr<float>();
@@ -286,42 +346,52 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, con
   float* O = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p;
-    std::vector<float> acc(D);
+    std::vector<float> p(max_len * G);  // p[t * G + g]: scores, then probabilities
+    std::vector<float> acc(G * D);
+    std::vector<const float*> qs(G);
+    std::vector<float> mx(G), inv(G);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / Hkv, h = i % Hkv, L = lens[b];
       const int64_t start = window > 0 ? std::max<int64_t>(0, L - window) : 0;
-      p.resize(L - start);
       const int64_t* table = bt + b * W;
       const float* Kh = Kc + h * N * bs * D;
       const float* Vh = Vc + h * N * bs * D;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qv = Q + b * q.stride(0) + (h * G + g) * q.stride(1);
-        float mx = -INFINITY;
-        for (int64_t t = start; t < L; ++t) {
-          const float* kv = Kh + (table[t / bs] * bs + t % bs) * D;
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < D; ++d) s += qv[d] * kv[d];
-          s *= sc;
-          p[t - start] = s;
-          mx = std::max(mx, s);
+      for (int64_t g = 0; g < G; ++g) qs[g] = Q + b * q.stride(0) + (h * G + g) * q.stride(1);
+      std::fill(mx.begin(), mx.end(), -INFINITY);
+      for (int64_t t = start; t < L;) {  // block by block: one table lookup per block
+        const int64_t blk = t / bs, end = std::min(L, (blk + 1) * bs);
+        const float* row = Kh + (table[blk] * bs + t % bs) * D;
+        for (; t < end; ++t, row += D) {
+          float* st = p.data() + (t - start) * G;
+          dots(qs.data(), G, row, D, sc, st);
+          for (int64_t g = 0; g < G; ++g) mx[g] = std::max(mx[g], st[g]);
         }
-        float sum = 0.f;
-        for (auto& e : p) {
-          e = std::exp(e - mx);
-          sum += e;
-        }
-        const float inv = 1.f / sum;
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t t = start; t < L; ++t) {
-          const float w = p[t - start] * inv;
-          const float* vv = Vh + (table[t / bs] * bs + t % bs) * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) acc[d] += w * vv[d];
-        }
-        std::copy(acc.begin(), acc.end(), O + (b * H + h * G + g) * D);
       }
+      const int64_t len = L - start, n = len * G;
+      for (int64_t t = 0; t < len; ++t)
+        for (int64_t g = 0; g < G; ++g) p[t * G + g] -= mx[g];
+      int64_t j = 0;
+      for (; j + 8 <= n; j += 8) _mm256_storeu_ps(p.data() + j, exp8(_mm256_loadu_ps(p.data() + j)));
+      for (; j < n; ++j) p[j] = std::exp(p[j]);
+      std::fill(inv.begin(), inv.end(), 0.f);
+      for (int64_t t = 0; t < len; ++t)
+        for (int64_t g = 0; g < G; ++g) inv[g] += p[t * G + g];
+      for (int64_t g = 0; g < G; ++g) inv[g] = 1.f / inv[g];
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = start; t < L;) {
+        const int64_t blk = t / bs, end = std::min(L, (blk + 1) * bs);
+        const float* vv = Vh + (table[blk] * bs + t % bs) * D;
+        for (; t < end; ++t, vv += D) {
+          const float* pt = p.data() + (t - start) * G;
+          for (int64_t g = 0; g < G; ++g) {
+            const __m256 w = _mm256_set1_ps(pt[g] * inv[g]);
+            float* a = acc.data() + g * D;
+            for (int64_t d = 0; d < D; d += 8)
+              _mm256_storeu_ps(a + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(vv + d), _mm256_loadu_ps(a + d)));
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) std::copy_n(acc.data() + g * D, D, O + (b * H + h * G + g) * D);
     }
   });
   return out;

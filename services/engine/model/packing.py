@@ -30,6 +30,7 @@ from torch import nn
 PACK_HINT_ROWS = 128  # batch-size hint of oneDNN's weight layout (see the table above)
 PANEL = 64  # output columns per panel of the panel64 layout (the kernels' ``PANEL``)
 SMALL_ROWS = 8  # rows up to which PanelLinear calls the kernels' linear_small
+LARGE_ROWS = 512  # rows from which PanelLinear copies the panels to W^T for one plain GEMM
 
 
 def onednn_available() -> bool:
@@ -76,6 +77,8 @@ class PanelLinear(nn.Module):
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] <= SMALL_ROWS:  # decode: straight to the kernel (~10 us less)
+            return self.ops.linear_small(x, self.weight, self.bias, self.out_features)
         return panel_linear(x, self.weight, self.out_features, self.bias, self.ops)
 
 
@@ -95,8 +98,11 @@ def panel_linear(x: torch.Tensor, panels: torch.Tensor, n_out: int, bias: torch.
     if rows <= SMALL_ROWS and flat.stride(-1) == 1:
         out = ops.linear_small(flat, panels, bias, n_out)
     else:
-        blocks = torch.matmul(flat, panels)  # [NB, rows, 64]
-        out = blocks.transpose(0, 1).reshape(rows, -1)
+        if rows < LARGE_ROWS:  # one batched matmul over the panels: [NB, rows, 64] -> [rows, NB * 64]
+            out = torch.matmul(flat, panels).transpose(0, 1).reshape(rows, -1)
+        else:  # the panels laid out as W^T [K, NB * 64] (a copy), then one plain GEMM
+            nb, k, width = panels.shape
+            out = torch.mm(flat, panels.permute(1, 0, 2).reshape(k, nb * width))
         if out.shape[1] != n_out:
             out = out[:, :n_out].contiguous()
         if bias is not None:
