@@ -397,6 +397,47 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, con
   return out;
 }
 
+// ---- one whole decoder layer for a decode-only step ---------------------------------------------
+
+// A dense pre-norm layer (no q/k norm, SwiGLU MLP) for T <= 8 decode rows, in one call: the same
+// kernels in the same order as the module path (services/engine/model/decoder.py), without the
+// Python between them. x [T, D] is the previous layer's output; residual [T, D] the residual
+// stream before adding it (undefined for layer 0, where x is the embeddings and becomes the
+// stream). Weights are panel64; cos/sin [T, 1, Dh/2]; kv_cache, slots, block_tables, seq_lens as
+// for write_kv / decode_attention. Returns (layer output [T, D], residual stream); the stream is
+// updated in place.
+std::vector<at::Tensor> decode_layer(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                     const at::Tensor& ln1, const at::Tensor& ln2, double eps,
+                                     const at::Tensor& qkv_w, const c10::optional<at::Tensor>& qkv_b,
+                                     const at::Tensor& o_w, const c10::optional<at::Tensor>& o_b,
+                                     const at::Tensor& gate_up_w, const at::Tensor& down_w,
+                                     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                     int64_t intermediate, const at::Tensor& cos, const at::Tensor& sin,
+                                     at::Tensor kv_cache, const at::Tensor& slots, const at::Tensor& block_tables,
+                                     const at::Tensor& seq_lens, double scale, int64_t window) {
+  const int64_t T = x.size(0), D = x.size(1);
+  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  at::Tensor stream;
+  at::Tensor h;
+  if (residual.has_value() && residual->defined()) {
+    stream = *residual;
+    h = rms_norm(x, ln1, eps, stream);
+  } else {
+    stream = x;
+    h = rms_norm(x, ln1, eps, c10::nullopt);
+  }
+  at::Tensor qkv = linear_small(h, qkv_w, qkv_b, q_size + 2 * kv_size);
+  rope_(qkv.narrow(1, 0, q_size + kv_size).view({T, num_heads + num_kv_heads, head_dim}), cos, sin);
+  const at::Tensor q = qkv.narrow(1, 0, q_size).view({T, num_heads, head_dim});
+  write_kv(kv_cache, qkv.narrow(1, q_size, kv_size).view({T, num_kv_heads, head_dim}),
+           qkv.narrow(1, q_size + kv_size, kv_size).view({T, num_kv_heads, head_dim}), slots);
+  at::Tensor attn = decode_attention(q, kv_cache, block_tables, seq_lens, scale, window);
+  at::Tensor o = linear_small(attn.view({T, q_size}), o_w, o_b, D);
+  at::Tensor h2 = rms_norm(o, ln2, eps, stream);
+  at::Tensor act = silu_and_mul(linear_small(h2, gate_up_w, c10::nullopt, 2 * intermediate));
+  return {linear_small(act, down_w, c10::nullopt, D), stream};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -409,6 +450,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", release());
   m.def("write_kv", &write_kv, "store new K/V at their cache slots", release());
   m.def("decode_attention", &decode_attention, "one-query attention over the paged cache", release());
+  m.def("decode_layer", &decode_layer, "a whole dense decoder layer for <= 8 decode rows", release());
   m.attr("PANEL") = kPanel;
   m.attr("MAX_SMALL_ROWS") = kMaxSmallRows;
 }

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from services.engine.model.attention import AttentionMetadata, PagedAttention
 from services.engine.model.experts import ExpertSpec, MoEBlock
 from services.engine.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope
+from services.engine.model.packing import SMALL_ROWS, PanelLinear
 from services.engine.model_config import ModelConfig
 
 
@@ -78,6 +79,14 @@ class DecoderLayer(nn.Module):
                                 c.shared_expert_intermediate_size, expert_backend)
         else:
             self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, dtype)
+        self.ops = None  # the engine's CPU kernels, set by use_cpu_kernels (whole-layer decode call)
+
+    def fused_decode_ok(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """Whether this step can run as one ``decode_layer`` kernel call: CPU kernels installed,
+        a decode-only step of at most ``SMALL_ROWS`` rows, a dense MLP, no q/k norm."""
+        return (self.ops is not None and not meta.prefills and x.shape[0] <= SMALL_ROWS
+                and isinstance(self.mlp, GatedMLP) and self.self_attn.q_norm is None
+                and isinstance(self.mlp.down_proj, PanelLinear))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,12 +94,25 @@ class DecoderLayer(nn.Module):
         residual [T, D]: the residual stream before adding x. Returns (this layer's output, the
         residual stream before adding it); ``residual`` is updated in place. Same sums as
         ``h = x + attn(norm(x)); out = h + ffn(norm(h))``, with each add fused into the next norm."""
+        if self.fused_decode_ok(x, meta):
+            return self._fused_decode(x, residual, cos, sin, kv_cache, meta)
         if residual is None:
             residual, normed = x, self.input_layernorm(x)
         else:
             normed = self.input_layernorm.add_forward(x, residual)
         attn = self.self_attn(normed, cos, sin, kv_cache, meta)
         return self.mlp(self.post_attention_layernorm.add_forward(attn, residual)), residual
+
+    def _fused_decode(self, x, residual, cos, sin, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` as one kernel call (the same kernels, in the same order, as the modules)."""
+        a, mlp, pa = self.self_attn, self.mlp, self.self_attn.attn
+        out, residual = self.ops.decode_layer(
+            x, residual, self.input_layernorm.weight, self.post_attention_layernorm.weight,
+            self.input_layernorm.eps, a.qkv_proj.weight, a.qkv_proj.bias, a.o_proj.weight, a.o_proj.bias,
+            mlp.gate_up_proj.weight, mlp.down_proj.weight, a.num_heads, a.num_kv_heads, a.head_dim,
+            mlp.intermediate_size, cos, sin, kv_cache, meta.slot_mapping, meta.decode_block_tables,
+            meta.decode_seq_lens, pa.scale, pa.sliding_window or 0)
+        return out, residual
 
 
 class CausalLM(nn.Module):
