@@ -1,24 +1,28 @@
-"""CPU GEMM backend, applied to a built and loaded model (not as branches inside it).
+"""CPU GEMM backends, applied to a built and loaded model (not as branches inside it).
 
-On the 2-core AVX2 box, torch's default fp32 ``F.linear`` (MKL) is slow for decode-shaped
-GEMMs (a few rows against a wide weight); oneDNN's matmul, reached through
-``torch.ops.mkldnn._linear_pointwise``, is faster, and faster again when the weight is
-reordered once, at load, into oneDNN's blocked layout (``_reorder_linear_weight``) instead of
-being passed as the plain [out, in] matrix on every call. Whole dense-100m step's GEMMs
-(33 weights, 300 MB), 2 threads, ms, median of 9 (bench: /tmp script, 2026-11-27):
+Two layouts of the same [out, in] weight, one per backend (``use_cpu_linears`` picks):
 
-    rows M                        1      2      8     16     32     64    160    512
-    oneDNN, plain weight (*)   15.4   20.4   22.2   29.2   55.8   97.9    204    673
-    oneDNN, packed, hint 1     12.5   22.6   27.0   32.2   55.1   95.4    209    626
-    oneDNN, packed, hint 32    12.7   12.8   18.7   26.4   43.1   85.4    198    573
-    oneDNN, packed, hint 128   12.5   12.6   19.2   27.0   43.1   87.0    199    552
+- **panel64** (``PanelLinear``, with the engine's kernels, services/engine/kernels): W stored as
+  [ceil(out / 64), in, 64], 64 output columns of every input row side by side. A decode GEMV
+  reads each panel once, front to back, at memory speed (``linear_small``, 1..8 rows); 9..511
+  rows run one batched torch matmul over the panels; 512+ rows (prompt chunks) copy the panels
+  to W^T [in, out] and run one plain GEMM, where MKL's full-width blocking wins. One copy of
+  the weights serves every step (rows past ``out`` are zero padding).
+- **oneDNN packed** (``OneDNNLinear``, where the kernels cannot build): each weight reordered
+  once, at load, into oneDNN's blocked layout (``_reorder_linear_weight``, batch hint
+  ``PACK_HINT_ROWS``) and multiplied by ``torch.ops.mkldnn._linear_pointwise``; the packed
+  matrix replaces the plain one, so it costs no extra memory.
 
-(*) what this module did before: plain weight, and ``(W x^T)^T`` for 2..24 rows.
-One packing with a batch-size hint of ``PACK_HINT_ROWS`` is the fastest or within 3% of it at
-every row count, so each weight is packed once and serves every step, prefill and decode.
+Whole dense-100m step's GEMMs, 2 threads, ms, median (the 33 weights with the LM head up to 32
+rows; the 32 layer weights from 160 rows; /tmp bench script, 2026-11-27 19:13 UTC, one run,
+VM noise about +-10%):
 
-The packed weight replaces the plain one as the module's ``weight`` parameter (same shape,
-numel and dtype; layout ``torch._mkldnn``), so packing costs no extra memory. A tied LM head
+    rows M                     1      2      4      8     16     32    160   1024
+    oneDNN, packed         14.4   17.1   19.2   22.0   35.0   52.1    144    906
+    panel64                11.8   14.6   16.7   23.3   40.1   57.6    132    843
+
+Earlier oneDNN measurements (plain weight vs packed, hint 1 / 32 / 128) chose the hint: one
+packing with hint 128 was the fastest or within 3% of it at every row count. A tied LM head
 cannot give up the embedding table (the lookup reads it), so it gets a packed copy.
 """
 
