@@ -146,3 +146,29 @@ def test_decode_attention_rejects_bad_tables(ops):
         ops.decode_attention(q, cache, torch.tensor([[12]]), torch.tensor([3]), 1.0, 0)
     with pytest.raises(RuntimeError, match="does not fit its block table"):
         ops.decode_attention(q, cache, torch.tensor([[1]]), torch.tensor([5]), 1.0, 0)
+
+
+def test_engine_backend_uses_the_kernels_and_the_fused_decode_layer(ops, tmp_path):
+    """use_cpu_backend installs the kernels on a dense model, every layer takes the one-call
+    decode path for decode-only steps of <= SMALL_ROWS rows, and kernels=False gives oneDNN."""
+    from services.engine.make_model import make_model
+    from services.engine.model.attention import AttentionMetadata
+    from services.engine.model.cpu_backend import use_cpu_backend
+    from services.engine.model.packing import PanelLinear, onednn_available
+    from services.engine.model.registry import load_model
+
+    path = make_model("tiny-llama", tmp_path / "m")
+    model = load_model(path)
+    assert use_cpu_backend(model) == "kernels"
+    assert model.decode_mask_needed is False
+    assert all(isinstance(m.self_attn.qkv_proj, PanelLinear) for m in model.layers)
+    meta = AttentionMetadata(slot_mapping=torch.zeros(1, dtype=torch.long), num_decodes=1,
+                             decode_block_tables=torch.zeros(1, 1, dtype=torch.long), decode_mask=None,
+                             decode_seq_lens=torch.ones(1, dtype=torch.long), prefills=())
+    x = torch.zeros(1, model.config.hidden_size)
+    assert all(layer.fused_decode_ok(x, meta) for layer in model.layers)
+    assert not any(layer.fused_decode_ok(torch.zeros(SMALL_ROWS + 1, model.config.hidden_size), meta)
+                   for layer in model.layers)
+    if onednn_available():
+        assert use_cpu_backend(load_model(path), kernels=False) == "onednn"
+    assert use_cpu_backend(load_model(path, dtype=torch.bfloat16)) == "torch"
