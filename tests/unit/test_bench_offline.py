@@ -58,6 +58,7 @@ def test_offline_smoke(tmp_path, capsys):
 
     sp = res["sysperf"]
     assert _positive(sp["read_bw_GBps"]) and _positive(sp["weight_bytes_per_token"]) and _positive(sp["tpot_floor_s"])
+    assert len(sp["read_bw_GBps_readings"]) == 2 and sp["read_bw_GBps"] == max(sp["read_bw_GBps_readings"])
     assert res["reference"] is None  # only for dense-100m at 128/128
     assert res["env"]["torch"] and res["env"]["torch_threads"] == 1
     assert "whole run" in res["other_cpu"]
