@@ -2,8 +2,8 @@
 
 ``load_cpu_ops()`` returns the compiled module, or None where it cannot run here (no AVX2/FMA,
 no C++ compiler, ``TANDEM_CPU_KERNELS=0``); the engine then keeps its plain torch path. The
-build is cached per source, flags and torch version (torch's ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``) and guarded by a file lock, so concurrent processes (test
+build is cached per Python environment, source and flags (torch's ``TORCH_EXTENSIONS_DIR``, by
+default ``~/.cache/torch_extensions``) and guarded by a file lock, so concurrent processes (test
 workers, Ray replicas) compile it once. ``python -m services.engine.kernels`` builds it ahead of
 time (``make`` does).
 """
@@ -11,8 +11,10 @@ time (``make`` does).
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -30,6 +32,14 @@ def cpu_supports_kernels() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+def extension_name() -> str:
+    """``tandem_cpu_ops_<hash of this Python environment>``: each venv (each torch install) gets
+    its own build folder, so two checkouts on one machine neither rebuild each other's build
+    nor load a library another one is rewriting."""
+    key = f"{sys.prefix}|{torch.__version__}".encode()
+    return "tandem_cpu_ops_" + hashlib.sha256(key).hexdigest()[:10]
+
+
 @functools.cache
 def load_cpu_ops():
     """The compiled kernel module, or None (logged once) where it is unavailable."""
@@ -41,7 +51,7 @@ def load_cpu_ops():
         return None
     try:
         from torch.utils.cpp_extension import load
-        return load(name="tandem_cpu_ops", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+        return load(name=extension_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS,
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: the torch path still works
         log.warning("CPU kernels unavailable, using torch ops: %s", exc)
