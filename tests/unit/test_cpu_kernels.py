@@ -171,4 +171,9 @@ def test_engine_backend_uses_the_kernels_and_the_fused_decode_layer(ops, tmp_pat
                    for layer in model.layers)
     if onednn_available():
         assert use_cpu_backend(load_model(path), kernels=False) == "onednn"
+    # a head size the kernels' attention does not take: torch attention and mask, kernels elsewhere
+    odd = load_model(make_model("tiny-llama", tmp_path / "h12", overrides={"head_dim": 12}))
+    assert use_cpu_backend(odd) == "kernels" and odd.decode_mask_needed is True
+    assert all(layer.ops is None and layer.self_attn.attn.ops is None and layer.input_layernorm.ops is ops
+               for layer in odd.layers)
     assert use_cpu_backend(load_model(path, dtype=torch.bfloat16)) == "torch"

@@ -34,6 +34,7 @@ CASES = {
     "tiny-llama": ("tiny-llama", None),
     "tiny-llama3-sharded": ("tiny-llama3", None),
     "tiny-llama-linear-rope": ("tiny-llama", {"rope_scaling": {"type": "linear", "factor": 2.0}}),
+    "tiny-llama-head12": ("tiny-llama", {"head_dim": 12}),  # not a multiple of 8: torch attention, kernels elsewhere
     "tiny-mistral": ("tiny-mistral", None),
     "tiny-mistral-window8": ("tiny-mistral", {"sliding_window": 8}),
     "tiny-qwen2": ("tiny-qwen2", None),

@@ -17,16 +17,22 @@ import torch
 from torch import nn
 
 from services.engine.kernels import load_cpu_ops
+from services.engine.model.attention import PagedAttention
+from services.engine.model.decoder import DecoderLayer
 from services.engine.model.packing import onednn_available, use_cpu_linears
 
 
 def use_cpu_kernels(model: nn.Module, ops) -> nn.Module:
     """Point every module with an ``ops`` slot (norms, attention, MLPs) at ``ops``, in place, and
-    tell the runner that decode attention reads ``decode_seq_lens`` instead of a mask."""
+    tell the runner that decode attention reads ``decode_seq_lens`` instead of a mask. The
+    kernels' decode attention takes head_dim = 8, 16, ... 512; other head sizes keep torch's
+    attention (and the one-call decode layer that contains it)."""
+    head_dim = model.config.head_dim
+    attention_ok = head_dim % 8 == 0 and head_dim <= 512
     for module in model.modules():
-        if hasattr(module, "ops"):
+        if hasattr(module, "ops") and (attention_ok or not isinstance(module, (PagedAttention, DecoderLayer))):
             module.ops = ops
-    model.decode_mask_needed = False
+    model.decode_mask_needed = not attention_ok
     return model
 
 

@@ -70,8 +70,8 @@ class OneDNNLinear(nn.Module):
 class PanelLinear(nn.Module):
     """Drop-in for ``nn.Linear`` on CPU fp32 with the engine's kernels: ``weight`` is the panel64
     matrix [ceil(out / 64), in, 64] (``to_panels``). 1..8 rows (decode) run through the kernels'
-    ``linear_small``, which reads each panel once at memory speed; more rows run one batched
-    torch matmul over the panels (see the module docstring for both measurements)."""
+    ``linear_small``, which reads each panel once at memory speed; more rows run torch GEMMs
+    (``panel_linear``; see the module docstring for the measurements)."""
 
     def __init__(self, linear: nn.Linear, ops):
         super().__init__()
@@ -81,7 +81,7 @@ class PanelLinear(nn.Module):
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] <= SMALL_ROWS:  # decode: straight to the kernel (~10 us less)
+        if x.dim() == 2 and x.shape[0] <= SMALL_ROWS and x.stride(1) == 1:  # decode: straight to the kernel
             return self.ops.linear_small(x, self.weight, self.bias, self.out_features)
         return panel_linear(x, self.weight, self.out_features, self.bias, self.ops)
 
@@ -139,17 +139,13 @@ def use_cpu_linears(model: nn.Module, ops=None) -> nn.Module:
         return model
     if ops is not None:
         make = lambda linear: PanelLinear(linear, ops)  # noqa: E731
-        head = TiedHead(model.embed_tokens.weight, to_panels,
-                        lambda h, p: panel_linear(h, p, model.config.vocab_size, None, ops)) \
-            if hasattr(model, "embed_tokens") else None
+        pack, apply = to_panels, lambda h, p: panel_linear(h, p, model.config.vocab_size, None, ops)
     else:
-        make = OneDNNLinear
-        head = TiedHead(model.embed_tokens.weight, pack_weight, packed_linear) \
-            if hasattr(model, "embed_tokens") else None
+        make, pack, apply = OneDNNLinear, pack_weight, packed_linear
     with torch.no_grad():
         _replace(model, make)
         if hasattr(model, "linear_fn") and getattr(model, "lm_head", None) is None:
-            model.linear_fn = head
+            model.linear_fn = TiedHead(model.embed_tokens.weight, pack, apply)
     return model
 
 
