@@ -177,3 +177,9 @@ def test_engine_backend_uses_the_kernels_and_the_fused_decode_layer(ops, tmp_pat
     assert all(layer.ops is None and layer.self_attn.attn.ops is None and layer.input_layernorm.ops is ops
                for layer in odd.layers)
     assert use_cpu_backend(load_model(path, dtype=torch.bfloat16)) == "torch"
+    # q/k norm (Qwen3) and MoE layers run the kernels module by module, not as one call
+    for name in ("tiny-qwen3", "tiny-mixtral"):
+        other = load_model(make_model(name, tmp_path / name))
+        assert use_cpu_backend(other) == "kernels"
+        assert not any(layer.fused_decode_ok(x[:, :other.config.hidden_size], meta) for layer in other.layers)
+        assert all(layer.input_layernorm.ops is ops for layer in other.layers)

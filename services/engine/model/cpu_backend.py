@@ -26,11 +26,14 @@ def use_cpu_kernels(model: nn.Module, ops) -> nn.Module:
     """Point every module with an ``ops`` slot (norms, attention, MLPs) at ``ops``, in place, and
     tell the runner that decode attention reads ``decode_seq_lens`` instead of a mask. The
     kernels' decode attention takes head_dim = 8, 16, ... 512; other head sizes keep torch's
-    attention (and the one-call decode layer that contains it)."""
+    attention (and the one-call decode layer that contains it), as do layers that are not
+    ``fusable`` (MoE, q/k norm) for the one-call layer."""
     head_dim = model.config.head_dim
     attention_ok = head_dim % 8 == 0 and head_dim <= 512
     for module in model.modules():
-        if hasattr(module, "ops") and (attention_ok or not isinstance(module, (PagedAttention, DecoderLayer))):
+        if isinstance(module, DecoderLayer):  # the whole-layer call: only where it applies
+            module.ops = ops if attention_ok and module.fusable() else None
+        elif hasattr(module, "ops") and (attention_ok or not isinstance(module, PagedAttention)):
             module.ops = ops
     model.decode_mask_needed = not attention_ok
     return model

@@ -79,14 +79,19 @@ class DecoderLayer(nn.Module):
                                 c.shared_expert_intermediate_size, expert_backend)
         else:
             self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, dtype)
-        self.ops = None  # the engine's CPU kernels, set by use_cpu_kernels (whole-layer decode call)
+        # the engine's CPU kernels for the whole-layer decode call; use_cpu_kernels sets it only
+        # on layers ``decode_layer`` can run (``fusable``)
+        self.ops = None
+
+    def fusable(self) -> bool:
+        """A dense MLP, no q/k norm, panel64 weights: the layer ``decode_layer`` implements."""
+        return (isinstance(self.mlp, GatedMLP) and self.self_attn.q_norm is None
+                and isinstance(self.mlp.down_proj, PanelLinear))
 
     def fused_decode_ok(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """Whether this step can run as one ``decode_layer`` kernel call: CPU kernels installed,
-        a decode-only step of at most ``SMALL_ROWS`` rows, a dense MLP, no q/k norm."""
-        return (self.ops is not None and not meta.prefills and x.shape[0] <= SMALL_ROWS
-                and isinstance(self.mlp, GatedMLP) and self.self_attn.q_norm is None
-                and isinstance(self.mlp.down_proj, PanelLinear))
+        """Whether this step runs as one ``decode_layer`` kernel call: kernels installed on this
+        layer, and a decode-only step of at most ``SMALL_ROWS`` rows."""
+        return self.ops is not None and not meta.prefills and x.shape[0] <= SMALL_ROWS
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
