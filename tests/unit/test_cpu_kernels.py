@@ -32,7 +32,8 @@ def _close(got, want, tol=1e-5):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 40, 600])
-@pytest.mark.parametrize("n_out,k", [(64, 32), (200, 48), (7, 5), (1280, 768)])
+# k: whole streams (32, 48, 768), streams plus leftover rows (101, 1030), leftover rows only (5)
+@pytest.mark.parametrize("n_out,k", [(64, 32), (200, 48), (7, 5), (130, 101), (64, 1030), (1280, 768)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_panel_linear_matches_f_linear(ops, rows, n_out, k, bias):
     g = torch.Generator().manual_seed(rows * 1000 + n_out)
