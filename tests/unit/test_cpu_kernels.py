@@ -149,11 +149,10 @@ def test_decode_attention_rejects_bad_tables(ops):
         ops.decode_attention(q, cache, torch.tensor([[1]]), torch.tensor([5]), 1.0, 0)
 
 
-def test_engine_backend_uses_the_kernels_and_the_fused_decode_layer(ops, tmp_path):
-    """use_cpu_backend installs the kernels on a dense model, every layer takes the one-call
-    decode path for decode-only steps of <= SMALL_ROWS rows, and kernels=False gives oneDNN."""
+def test_engine_backend_uses_the_kernels_and_the_decode_stack(ops, tmp_path):
+    """use_cpu_backend installs the kernels on a dense model, with a decode stack that takes
+    decode-only steps of <= SMALL_ROWS rows, and kernels=False gives oneDNN."""
     from services.engine.make_model import make_model
-    from services.engine.model.attention import AttentionMetadata
     from services.engine.model.cpu_backend import use_cpu_backend
     from services.engine.model.packing import PanelLinear, onednn_available
     from services.engine.model.registry import load_model
@@ -163,24 +162,53 @@ def test_engine_backend_uses_the_kernels_and_the_fused_decode_layer(ops, tmp_pat
     assert use_cpu_backend(model) == "kernels"
     assert model.decode_mask_needed is False
     assert all(isinstance(m.self_attn.qkv_proj, PanelLinear) for m in model.layers)
-    meta = AttentionMetadata(slot_mapping=torch.zeros(1, dtype=torch.long), num_decodes=1,
-                             decode_block_tables=torch.zeros(1, 1, dtype=torch.long), decode_mask=None,
-                             decode_seq_lens=torch.ones(1, dtype=torch.long), prefills=())
-    x = torch.zeros(1, model.config.hidden_size)
-    assert all(layer.fused_decode_ok(x, meta) for layer in model.layers)
-    assert not any(layer.fused_decode_ok(torch.zeros(SMALL_ROWS + 1, model.config.hidden_size), meta)
-                   for layer in model.layers)
+    assert len(model.decode_stack) == len(model.layers)
+    assert model.uses_decode_stack(SMALL_ROWS, _decode_meta(1))
+    assert not model.uses_decode_stack(SMALL_ROWS + 1, _decode_meta(1))
     if onednn_available():
         assert use_cpu_backend(load_model(path), kernels=False) == "onednn"
     # a head size the kernels' attention does not take: torch attention and mask, kernels elsewhere
     odd = load_model(make_model("tiny-llama", tmp_path / "h12", overrides={"head_dim": 12}))
     assert use_cpu_backend(odd) == "kernels" and odd.decode_mask_needed is True
-    assert all(layer.ops is None and layer.self_attn.attn.ops is None and layer.input_layernorm.ops is ops
-               for layer in odd.layers)
+    assert odd.decode_stack is None
+    assert all(layer.self_attn.attn.ops is None and layer.input_layernorm.ops is ops for layer in odd.layers)
     assert use_cpu_backend(load_model(path, dtype=torch.bfloat16)) == "torch"
     # q/k norm (Qwen3) and MoE layers run the kernels module by module, not as one call
     for name in ("tiny-qwen3", "tiny-mixtral"):
         other = load_model(make_model(name, tmp_path / name))
         assert use_cpu_backend(other) == "kernels"
-        assert not any(layer.fused_decode_ok(x[:, :other.config.hidden_size], meta) for layer in other.layers)
+        assert other.decode_stack is None
         assert all(layer.input_layernorm.ops is ops for layer in other.layers)
+
+
+def _decode_meta(rows: int, seq_len: int = 1):
+    from services.engine.model.attention import AttentionMetadata
+    return AttentionMetadata(slot_mapping=torch.arange(rows) * 16 + seq_len - 1, num_decodes=rows,
+                             decode_block_tables=torch.arange(rows).view(rows, 1), decode_mask=None,
+                             decode_seq_lens=torch.full((rows,), seq_len), prefills=())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_decode_stack_matches_the_module_path(ops, tmp_path, rows):
+    """One decode step through the stack gives the hidden states and KV writes of the same
+    kernels run module by module (summation order is the same, so to rounding)."""
+    from services.engine.make_model import make_model
+    from services.engine.model.cpu_backend import use_cpu_backend
+    from services.engine.model.registry import load_model
+
+    model = load_model(make_model("tiny-llama", tmp_path / "m"))
+    use_cpu_backend(model)
+    c = model.config
+    g = torch.Generator().manual_seed(rows)
+    caches = [torch.randn(2, c.num_kv_heads, rows, 16, c.head_dim, generator=g) for _ in model.layers]
+    ids = torch.randint(0, c.vocab_size, (rows,), generator=g)
+    meta, pos = _decode_meta(rows, seq_len=5), torch.full((rows,), 4)
+    with torch.inference_mode():
+        stack_caches = [t.clone() for t in caches]
+        via_stack = model(ids, pos, stack_caches, meta)
+        stack, model.decode_stack = model.decode_stack, None
+        via_modules = model(ids, pos, caches, meta)
+        model.decode_stack = stack
+    _close(via_stack, via_modules)
+    for a, b in zip(stack_caches, caches):
+        _close(a, b)

@@ -18,6 +18,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -413,46 +415,85 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, con
   return out;
 }
 
-// ---- one whole decoder layer for a decode-only step ---------------------------------------------
+// ---- the decoder stack for a decode-only step ----------------------------------------------------
 
-// A dense pre-norm layer (no q/k norm, SwiGLU MLP) for T <= 8 decode rows, in one call: the same
-// kernels in the same order as the module path (services/engine/model/decoder.py), without the
-// Python between them. x [T, D] is the previous layer's output; residual [T, D] the residual
-// stream before adding it (undefined for layer 0, where x is the embeddings and becomes the
-// stream). Weights are panel64; cos/sin [T, 1, Dh/2]; kv_cache, slots, block_tables, seq_lens as
-// for write_kv / decode_attention. Returns (layer output [T, D], residual stream); the stream is
-// updated in place.
-std::vector<at::Tensor> decode_layer(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
-                                     const at::Tensor& ln1, const at::Tensor& ln2, double eps,
-                                     const at::Tensor& qkv_w, const c10::optional<at::Tensor>& qkv_b,
-                                     const at::Tensor& o_w, const c10::optional<at::Tensor>& o_b,
-                                     const at::Tensor& gate_up_w, const at::Tensor& down_w,
-                                     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                                     int64_t intermediate, const at::Tensor& cos, const at::Tensor& sin,
-                                     at::Tensor kv_cache, const at::Tensor& slots, const at::Tensor& block_tables,
-                                     const at::Tensor& seq_lens, double scale, int64_t window) {
-  const int64_t T = x.size(0), D = x.size(1);
-  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
-  at::Tensor stream;
+// One dense pre-norm layer's fixed arguments (no q/k norm, SwiGLU MLP, panel64 weights).
+struct DecodeLayerWeights {
+  at::Tensor ln1, ln2;          // [D] input / post-attention RMSNorm weights
+  double eps;                   // RMSNorm epsilon
+  at::Tensor qkv_w, qkv_b;      // [NB, D, 64] q, k, v rows fused; bias [q + 2 kv] or undefined
+  at::Tensor o_w, o_b;          // [NB, q, 64]; bias [D] or undefined
+  at::Tensor gate_up_w, down_w; // [NB, D, 64] gate rows then up rows; [NB, I, 64]
+  int64_t num_heads, num_kv_heads, head_dim, intermediate;
+  double scale;                 // attention score scale
+  int64_t window;               // sliding window, 0 = none
+};
+
+// One layer for T <= 8 decode rows: the same kernels in the same order as the module path
+// (services/engine/model/decoder.py). x [T, D] is the previous layer's output; stream [T, D] the
+// residual stream before adding it (undefined for layer 0, where x is the embeddings and becomes
+// the stream). cos/sin [T, 1, Dh/2]; kv_cache, slots, block_tables, seq_lens as for write_kv /
+// decode_attention. Returns (layer output [T, D], residual stream); the stream is updated in place.
+std::pair<at::Tensor, at::Tensor> decode_layer(const DecodeLayerWeights& w, const at::Tensor& x, at::Tensor stream,
+                                               const at::Tensor& cos, const at::Tensor& sin, at::Tensor kv_cache,
+                                               const at::Tensor& slots, const at::Tensor& block_tables,
+                                               const at::Tensor& seq_lens) {
+  const int64_t T = x.size(0), D = x.size(1), Dh = w.head_dim;
+  const int64_t q_size = w.num_heads * Dh, kv_size = w.num_kv_heads * Dh;
   at::Tensor h;
-  if (residual.has_value() && residual->defined()) {
-    stream = *residual;
-    h = rms_norm(x, ln1, eps, stream);
+  if (stream.defined()) {
+    h = rms_norm(x, w.ln1, w.eps, stream);
   } else {
     stream = x;
-    h = rms_norm(x, ln1, eps, c10::nullopt);
+    h = rms_norm(x, w.ln1, w.eps, c10::nullopt);
   }
-  at::Tensor qkv = linear_small(h, qkv_w, qkv_b, q_size + 2 * kv_size);
-  rope_(qkv.narrow(1, 0, q_size + kv_size).view({T, num_heads + num_kv_heads, head_dim}), cos, sin);
-  const at::Tensor q = qkv.narrow(1, 0, q_size).view({T, num_heads, head_dim});
-  write_kv(kv_cache, qkv.narrow(1, q_size, kv_size).view({T, num_kv_heads, head_dim}),
-           qkv.narrow(1, q_size + kv_size, kv_size).view({T, num_kv_heads, head_dim}), slots);
-  at::Tensor attn = decode_attention(q, kv_cache, block_tables, seq_lens, scale, window);
-  at::Tensor o = linear_small(attn.view({T, q_size}), o_w, o_b, D);
-  at::Tensor h2 = rms_norm(o, ln2, eps, stream);
-  at::Tensor act = silu_and_mul(linear_small(h2, gate_up_w, c10::nullopt, 2 * intermediate));
-  return {linear_small(act, down_w, c10::nullopt, D), stream};
+  const auto opt = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
+  at::Tensor qkv = linear_small(h, w.qkv_w, opt(w.qkv_b), q_size + 2 * kv_size);
+  rope_(qkv.narrow(1, 0, q_size + kv_size).view({T, w.num_heads + w.num_kv_heads, Dh}), cos, sin);
+  const at::Tensor q = qkv.narrow(1, 0, q_size).view({T, w.num_heads, Dh});
+  write_kv(kv_cache, qkv.narrow(1, q_size, kv_size).view({T, w.num_kv_heads, Dh}),
+           qkv.narrow(1, q_size + kv_size, kv_size).view({T, w.num_kv_heads, Dh}), slots);
+  at::Tensor attn = decode_attention(q, kv_cache, block_tables, seq_lens, w.scale, w.window);
+  at::Tensor o = linear_small(attn.view({T, q_size}), w.o_w, opt(w.o_b), D);
+  at::Tensor h2 = rms_norm(o, w.ln2, w.eps, stream);
+  at::Tensor act = silu_and_mul(linear_small(h2, w.gate_up_w, c10::nullopt, 2 * w.intermediate));
+  return {linear_small(act, w.down_w, c10::nullopt, D), stream};
 }
+
+// Every layer of a dense model, held once at load so a decode step is one call from Python
+// (per-layer Python dispatch was ~35 us a layer). The weight tensors share the model's storage.
+class DecodeStack {
+ public:
+  void add_layer(at::Tensor ln1, at::Tensor ln2, double eps, at::Tensor qkv_w, c10::optional<at::Tensor> qkv_b,
+                 at::Tensor o_w, c10::optional<at::Tensor> o_b, at::Tensor gate_up_w, at::Tensor down_w,
+                 int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate, double scale,
+                 int64_t window) {
+    for (const at::Tensor* t : {&ln1, &ln2, &qkv_w, &o_w, &gate_up_w, &down_w}) check_f32(*t, "layer weight");
+    TORCH_CHECK(qkv_w.dim() == 3 && qkv_w.size(2) == kPanel && down_w.dim() == 3 && down_w.size(2) == kPanel,
+                "decode stack weights must be panel64");
+    layers_.push_back({ln1, ln2, eps, qkv_w, qkv_b.value_or(at::Tensor()), o_w, o_b.value_or(at::Tensor()),
+                       gate_up_w, down_w, num_heads, num_kv_heads, head_dim, intermediate, scale, window});
+  }
+
+  // x [T <= 8, D] embeddings; kv_caches one per layer -> (last layer's output, residual stream).
+  std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                                  const std::vector<at::Tensor>& kv_caches, const at::Tensor& slots,
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens) const {
+    TORCH_CHECK(kv_caches.size() == layers_.size(), "one kv cache per layer: ", layers_.size(), " layers, ",
+                kv_caches.size(), " caches");
+    TORCH_CHECK(x.dim() == 2 && x.size(0) <= kMaxSmallRows, "the decode stack takes 1..", kMaxSmallRows, " rows");
+    at::Tensor out = x, stream;
+    for (size_t i = 0; i < layers_.size(); ++i)
+      std::tie(out, stream) = decode_layer(layers_[i], out, stream, cos, sin, kv_caches[i], slots, block_tables,
+                                           seq_lens);
+    return {out, stream};
+  }
+
+  int64_t size() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  std::vector<DecodeLayerWeights> layers_;
+};
 
 }  // namespace
 
@@ -466,7 +507,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", release());
   m.def("write_kv", &write_kv, "store new K/V at their cache slots", release());
   m.def("decode_attention", &decode_attention, "one-query attention over the paged cache", release());
-  m.def("decode_layer", &decode_layer, "a whole dense decoder layer for <= 8 decode rows", release());
+  py::class_<DecodeStack>(m, "DecodeStack", "a dense model's decoder layers for decode steps of <= 8 rows")
+      .def(py::init<>())
+      .def("add_layer", &DecodeStack::add_layer)
+      .def("forward", &DecodeStack::forward, release())
+      .def("__len__", &DecodeStack::size);
   m.attr("PANEL") = kPanel;
   m.attr("MAX_SMALL_ROWS") = kMaxSmallRows;
 }

@@ -26,16 +26,19 @@ def use_cpu_kernels(model: nn.Module, ops) -> nn.Module:
     """Point every module with an ``ops`` slot (norms, attention, MLPs) at ``ops``, in place, and
     tell the runner that decode attention reads ``decode_seq_lens`` instead of a mask. The
     kernels' decode attention takes head_dim = 8, 16, ... 512; other head sizes keep torch's
-    attention (and the one-call decode layer that contains it), as do layers that are not
-    ``fusable`` (MoE, q/k norm) for the one-call layer."""
+    attention. A model whose layers are all ``fusable`` (dense, no q/k norm) with such a head size
+    also gets ``decode_stack``: every layer of a decode step in one kernel call."""
     head_dim = model.config.head_dim
     attention_ok = head_dim % 8 == 0 and head_dim <= 512
     for module in model.modules():
-        if isinstance(module, DecoderLayer):  # the whole-layer call: only where it applies
-            module.ops = ops if attention_ok and module.fusable() else None
-        elif hasattr(module, "ops") and (attention_ok or not isinstance(module, PagedAttention)):
+        if hasattr(module, "ops") and (attention_ok or not isinstance(module, PagedAttention)):
             module.ops = ops
     model.decode_mask_needed = not attention_ok
+    layers = list(model.layers)
+    if attention_ok and layers and all(layer.fusable() for layer in layers):
+        model.decode_stack = ops.DecodeStack()
+        for layer in layers:
+            model.decode_stack.add_layer(*layer.decode_weights())
     return model
 
 

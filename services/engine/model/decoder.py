@@ -79,19 +79,19 @@ class DecoderLayer(nn.Module):
                                 c.shared_expert_intermediate_size, expert_backend)
         else:
             self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, dtype)
-        # the engine's CPU kernels for the whole-layer decode call; use_cpu_kernels sets it only
-        # on layers ``decode_layer`` can run (``fusable``)
-        self.ops = None
 
     def fusable(self) -> bool:
-        """A dense MLP, no q/k norm, panel64 weights: the layer ``decode_layer`` implements."""
+        """A dense MLP, no q/k norm, panel64 weights: the layer the kernels' ``DecodeStack`` runs."""
         return (isinstance(self.mlp, GatedMLP) and self.self_attn.q_norm is None
                 and isinstance(self.mlp.down_proj, PanelLinear))
 
-    def fused_decode_ok(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """Whether this step runs as one ``decode_layer`` kernel call: kernels installed on this
-        layer, and a decode-only step of at most ``SMALL_ROWS`` rows."""
-        return self.ops is not None and not meta.prefills and x.shape[0] <= SMALL_ROWS
+    def decode_weights(self) -> tuple:
+        """The arguments of ``DecodeStack.add_layer`` for this (``fusable``) layer, in order."""
+        a, mlp, pa = self.self_attn, self.mlp, self.self_attn.attn
+        return (self.input_layernorm.weight, self.post_attention_layernorm.weight, self.input_layernorm.eps,
+                a.qkv_proj.weight, a.qkv_proj.bias, a.o_proj.weight, a.o_proj.bias, mlp.gate_up_proj.weight,
+                mlp.down_proj.weight, a.num_heads, a.num_kv_heads, a.head_dim, mlp.intermediate_size, pa.scale,
+                pa.sliding_window or 0)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,25 +99,12 @@ class DecoderLayer(nn.Module):
         residual [T, D]: the residual stream before adding x. Returns (this layer's output, the
         residual stream before adding it); ``residual`` is updated in place. Same sums as
         ``h = x + attn(norm(x)); out = h + ffn(norm(h))``, with each add fused into the next norm."""
-        if self.fused_decode_ok(x, meta):
-            return self._fused_decode(x, residual, cos, sin, kv_cache, meta)
         if residual is None:
             residual, normed = x, self.input_layernorm(x)
         else:
             normed = self.input_layernorm.add_forward(x, residual)
         attn = self.self_attn(normed, cos, sin, kv_cache, meta)
         return self.mlp(self.post_attention_layernorm.add_forward(attn, residual)), residual
-
-    def _fused_decode(self, x, residual, cos, sin, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward`` as one kernel call (the same kernels, in the same order, as the modules)."""
-        a, mlp, pa = self.self_attn, self.mlp, self.self_attn.attn
-        out, residual = self.ops.decode_layer(
-            x, residual, self.input_layernorm.weight, self.post_attention_layernorm.weight,
-            self.input_layernorm.eps, a.qkv_proj.weight, a.qkv_proj.bias, a.o_proj.weight, a.o_proj.bias,
-            mlp.gate_up_proj.weight, mlp.down_proj.weight, a.num_heads, a.num_kv_heads, a.head_dim,
-            mlp.intermediate_size, cos, sin, kv_cache, meta.slot_mapping, meta.decode_block_tables,
-            meta.decode_seq_lens, pa.scale, pa.sliding_window or 0)
-        return out, residual
 
 
 class CausalLM(nn.Module):
@@ -140,6 +127,13 @@ class CausalLM(nn.Module):
                                                                     dtype=dtype)
         self.linear_fn = F.linear  # GEMM of the tied LM head; a CPU backend may swap it (packing.py)
         self.rotary = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling)
+        # every layer in one kernel call for decode-only steps of <= SMALL_ROWS rows; the CPU
+        # backend sets it when all layers are ``fusable`` (cpu_backend.py), else None
+        self.decode_stack = None
+
+    def uses_decode_stack(self, num_tokens: int, meta: AttentionMetadata) -> bool:
+        """A decode-only step of at most ``SMALL_ROWS`` rows on a model with a decode stack."""
+        return self.decode_stack is not None and not meta.prefills and num_tokens <= SMALL_ROWS
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -148,6 +142,10 @@ class CausalLM(nn.Module):
         -> hidden [T, D] after the final norm."""
         cos, sin = self.rotary(positions, self.dtype)
         x, residual = self.embed_tokens(input_ids), None  # [T, D]; the lookup is a new tensor
+        if self.uses_decode_stack(x.shape[0], meta):
+            x, residual = self.decode_stack.forward(x, cos, sin, kv_caches, meta.slot_mapping,
+                                                    meta.decode_block_tables, meta.decode_seq_lens)
+            return self.norm.add_forward(x, residual)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, cos, sin, kv_cache, meta)
         return self.norm.add_forward(x, residual)
