@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from services.engine.malloc import huge_page_empty
+
 PACK_HINT_ROWS = 128  # batch-size hint of oneDNN's weight layout (see the table above)
 PANEL = 64  # output columns per panel of the panel64 layout (the kernels' ``PANEL``)
 SMALL_ROWS = 8  # rows up to which PanelLinear calls the kernels' linear_small
@@ -92,7 +94,8 @@ def to_panels(weight: torch.Tensor) -> torch.Tensor:
     nb = -(-n // PANEL)
     padded = torch.zeros(nb * PANEL, k, dtype=weight.dtype)
     padded[:n] = weight.detach()
-    return padded.view(nb, PANEL, k).transpose(1, 2).contiguous()
+    out = huge_page_empty((nb, k, PANEL), weight.dtype)  # streamed every decode step: 2 MiB pages
+    return out.copy_(padded.view(nb, PANEL, k).transpose(1, 2))
 
 
 def panel_linear(x: torch.Tensor, panels: torch.Tensor, n_out: int, bias: torch.Tensor | None, ops) -> torch.Tensor:
