@@ -1,8 +1,11 @@
 """The machine's limits that bound decode speed, and the environment a run was taken in.
 
 Glossary
-- read bandwidth: bytes per second torch reads when it sums a large fp32 tensor (best of
-  several runs, at torch's current thread count); STREAM counts a read-only sum as 1x.
+- read bandwidth: bytes per second read from a large fp32 tensor (best of several runs, at
+  torch's current thread count), the higher of two probes: torch's ``sum`` (one stream per
+  thread) and, where the engine's CPU kernels load, ``read_streams`` (kStreams interleaved
+  streams per thread, the weight reads of decode). The tensor sits on 2 MiB pages, as the
+  engine's weights do (services/engine/malloc.py). STREAM counts a read-only sum as 1x.
 - weight bytes per token: what batch-1 decode must stream from memory for every new token:
   every parameter except the input embedding table (a lookup touches one row), but the
   table counts once when the LM head shares it (tied). Routed MoE experts count at
@@ -19,17 +22,29 @@ import time
 
 import torch
 
+from services.engine.kernels import load_cpu_ops
+from services.engine.malloc import huge_page_empty
 
-def read_bandwidth_gbps(mib: int = 1024, reps: int = 5) -> float:
-    """Best-of-``reps`` GB/s (1e9 B/s) of ``tensor.sum()`` over a ``mib`` MiB fp32 tensor."""
-    x = torch.ones(mib * (1 << 20) // 4, dtype=torch.float32)
-    x.sum()  # page faults, thread pool
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best / 1e9
+
+def read_bandwidth_gbps(mib: int = 1024, reps: int = 5) -> dict[str, float]:
+    """Best-of-``reps`` GB/s (1e9 B/s) of each read probe over one ``mib`` MiB fp32 tensor:
+    ``{"torch_sum": ..., "streams": ...}`` (no "streams" where the kernels do not load)."""
+    x = huge_page_empty((mib * (1 << 20) // 4,))
+    x.fill_(1.0)  # page faults now, not in the first probe
+    probes = {"torch_sum": x.sum}
+    ops = load_cpu_ops()
+    if ops is not None:
+        probes["streams"] = lambda: ops.read_streams(x)
+    result = {}
+    for name, probe in probes.items():
+        probe()  # thread pool, caches
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            probe()
+            best = min(best, time.perf_counter() - t0)
+        result[name] = x.numel() * 4 / best / 1e9
+    return result
 
 
 def weight_bytes_per_token(model: torch.nn.Module, model_config) -> int:

@@ -212,3 +212,11 @@ def test_decode_stack_matches_the_module_path(ops, tmp_path, rows):
     _close(via_stack, via_modules)
     for a, b in zip(stack_caches, caches):
         _close(a, b)
+
+
+@pytest.mark.parametrize("n", [8, 1000, 100_003])
+def test_read_streams_sums_every_whole_vector(ops, n):
+    """The bandwidth probe reads (and sums) every float of the whole 8-float vectors of x."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    want = x[: n // 8 * 8].double().sum().item()
+    assert ops.read_streams(x) == pytest.approx(want, rel=1e-4, abs=1e-3)

@@ -93,6 +93,36 @@ inline void panel_rows(const float* x, int64_t ldx, int64_t K, const float* P, f
   for (int64_t c0 = 0; c0 < kPanel; c0 += 8 * NV) panel_block<MR, NV>(x, ldx, K, P + c0, out + c0);
 }
 
+// A read-bandwidth probe (bench/sysperf.py): the sum of x, each thread reading its contiguous
+// share as kStreams interleaved streams, the access pattern of linear_small. torch's sum reads
+// one stream per thread, which on some machines leaves bandwidth unused.
+double read_streams(const at::Tensor& x) {
+  check_f32(x, "x");
+  TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
+  const float* X = x.data_ptr<float>();
+  const int64_t n8 = x.numel() / 8;  // whole vectors; the tail under 8 floats is not read
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<double> part(nt, 0.0);
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t lo = n8 * t / nt, hi = n8 * (t + 1) / nt, L = (hi - lo) / kStreams;
+      const float* base = X + 8 * lo;
+      __m256 acc[kStreams];
+      for (int64_t s = 0; s < kStreams; ++s) acc[s] = _mm256_setzero_ps();
+      for (int64_t i = 0; i < L; ++i)
+        for (int64_t s = 0; s < kStreams; ++s) acc[s] = _mm256_add_ps(acc[s], _mm256_loadu_ps(base + 8 * (s * L + i)));
+      for (int64_t i = kStreams * L; i < hi - lo; ++i) acc[0] = _mm256_add_ps(acc[0], _mm256_loadu_ps(base + 8 * i));
+      float v[8];
+      for (int64_t s = 1; s < kStreams; ++s) acc[0] = _mm256_add_ps(acc[0], acc[s]);
+      _mm256_storeu_ps(v, acc[0]);
+      for (float f : v) part[t] += f;
+    }
+  });
+  double total = 0.0;
+  for (double p : part) total += p;
+  return total;
+}
+
 // x [M, K] (M <= 8, rows contiguous), w [NB, K, 64] panel64, bias [N] or undefined -> [M, N].
 at::Tensor linear_small(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                         int64_t n_out) {
@@ -492,6 +522,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &DecodeStack::add_layer)
       .def("forward", &DecodeStack::forward, release())
       .def("__len__", &DecodeStack::size);
+  m.def("read_streams", &read_streams, "sum of x read as linear_small reads weights (a bandwidth probe)",
+        release());
   m.attr("PANEL") = kPanel;
   m.attr("MAX_SMALL_ROWS") = kMaxSmallRows;
 }
