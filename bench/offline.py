@@ -4,16 +4,18 @@
 
 One run measures, on the same checkpoint and the same prompts (``bench.workload``):
 1. Tandem (``LLMEngine`` driven step by step here, prefix caching off): per concurrency c,
-   c greedy requests (ignore_eos, ``output_len`` new tokens each) submitted together.
-   - out tok/s = c * output_len / (last finish - submit), prefill included
+   c greedy requests (ignore_eos, ``output_len`` new tokens each) submitted together, in
+   ``--rounds`` rounds (default 3; one batch at a time, so c=1 is 3 requests in turn).
+   - out tok/s = c * output_len / (last finish - submit), prefill included: the median round
    - TTFT = first token - submit; e2e = finish - submit; TPOT = (e2e - TTFT) / (n_out - 1),
-     each per request, reported as p50/p90/p99
+     each per request, reported as p50/p90/p99 over the requests of every round
    - TTFT(ttft_len): one request, max_tokens=1, median over reps with a fresh prompt each.
 2. transformers ``AutoModelForCausalLM.generate`` on the same batches (equal lengths, so left
    padding adds no pad tokens), greedy, min_new_tokens = max_new_tokens = output_len:
    out tok/s as above; TTFT = wall time of a max_new_tokens=1 generate of the batch;
    TPOT = (total - TTFT') / (output_len - 1) where TTFT' is the first step's time inside
-   the full call (a logits processor timestamps each step); TTFT(ttft_len) as for Tandem.
+   the full call (a logits processor timestamps each step); each the median of as many
+   rounds as Tandem's; TTFT(ttft_len) as for Tandem.
 3. Machine limits (``bench.sysperf``): read bandwidth (two probes, read before and after the run;
    the highest reading sets the floor, the stricter ratio) and the batch-1 TPOT memory floor.
 
@@ -87,14 +89,20 @@ def tandem_batch(engine, batch: list[list[int]], max_tokens: int, desc: str) -> 
             "token_ids": [ids[r] for r in rids], "other_cpu_frac": mon.other_cpu_frac}
 
 
-def tandem_throughput(engine, batch: list[list[int]], output_len: int) -> dict:
-    """Figures of one concurrency level (see the module docstring)."""
-    r = tandem_batch(engine, batch, output_len, desc=f"tandem c={len(batch)}")
-    wall = max(r["end"])
-    tpot = [(e - f) / (output_len - 1) for f, e in zip(r["first"], r["end"])]
-    return {"concurrency": len(batch), "wall_s": wall, "out_tok_per_s": len(batch) * output_len / wall,
-            "ttft_s": percentiles(r["first"]), "tpot_s": percentiles(tpot), "e2e_s": percentiles(r["end"]),
-            "other_cpu_frac": r["other_cpu_frac"], "token_ids": r["token_ids"]}
+def tandem_throughput(engine, batch: list[list[int]], workload: Workload) -> dict:
+    """Figures of one concurrency level over ``workload.rounds`` runs of the batch (see the
+    module docstring)."""
+    c, n = len(batch), workload.output_len
+    rounds = [tandem_batch(engine, batch, n, desc=f"tandem c={c} round {i + 1}") for i in range(workload.rounds)]
+    walls = [max(r["end"]) for r in rounds]
+    first = [f for r in rounds for f in r["first"]]
+    end = [e for r in rounds for e in r["end"]]
+    tpot = [(e - f) / (n - 1) for f, e in zip(first, end)]
+    return {"concurrency": c, "wall_s": statistics.median(walls),
+            "out_tok_per_s": statistics.median(c * n / w for w in walls),
+            "out_tok_per_s_rounds": [c * n / w for w in walls],
+            "ttft_s": percentiles(first), "tpot_s": percentiles(tpot), "e2e_s": percentiles(end),
+            "other_cpu_frac": max(r["other_cpu_frac"] or 0.0 for r in rounds), "token_ids": rounds[0]["token_ids"]}
 
 
 def ttft_long(run_one, workload: Workload, vocab: int) -> dict:
@@ -116,7 +124,7 @@ def bench_tandem(path: Path, workload: Workload, args: argparse.Namespace) -> di
     vocab = engine.model_config.vocab_size
     res["vocab_size"] = vocab
     tandem_batch(engine, [warmup_prompt(vocab)], 4, desc="tandem warm-up")
-    res["runs"] = [tandem_throughput(engine, batch_prompts(workload, c, vocab), workload.output_len)
+    res["runs"] = [tandem_throughput(engine, batch_prompts(workload, c, vocab), workload)
                    for c in workload.concurrencies]
 
     def one(prompt):
@@ -166,19 +174,23 @@ def hf_generate(model, batch: list[list[int]], new_tokens: int, desc: str) -> di
             "other_cpu_frac": mon.other_cpu_frac}
 
 
-def hf_throughput(model, batch: list[list[int]], output_len: int) -> dict:
-    """Figures of one concurrency level. TTFT is the wall time of a max_new_tokens=1 call;
-    TPOT subtracts the first step's time *within* the full call (``ttft_in_call_s``), so
-    that noise between two separate calls cannot make it negative."""
-    c = len(batch)
-    first = hf_generate(model, batch, 1, desc=f"hf ttft c={c}")
-    full = hf_generate(model, batch, output_len, desc=f"hf c={c}")
-    total = full["wall_s"]
-    return {"concurrency": c, "wall_s": total, "out_tok_per_s": c * output_len / total,
-            "ttft_s": first["wall_s"], "ttft_in_call_s": full["first_s"],
-            "tpot_s": (total - full["first_s"]) / (output_len - 1),
-            "other_cpu_frac": max(first["other_cpu_frac"] or 0.0, full["other_cpu_frac"] or 0.0),
-            "token_ids": full["token_ids"]}
+def hf_throughput(model, batch: list[list[int]], workload: Workload) -> dict:
+    """Figures of one concurrency level, each the median over ``workload.rounds`` runs. TTFT is
+    the wall time of a max_new_tokens=1 call; TPOT subtracts the first step's time *within* the
+    full call (``ttft_in_call_s``), so that noise between two separate calls cannot make it
+    negative."""
+    c, n = len(batch), workload.output_len
+    rounds = []
+    for i in range(workload.rounds):
+        first = hf_generate(model, batch, 1, desc=f"hf ttft c={c} round {i + 1}")
+        full = hf_generate(model, batch, n, desc=f"hf c={c} round {i + 1}")
+        rounds.append({"wall_s": full["wall_s"], "ttft_s": first["wall_s"], "ttft_in_call_s": full["first_s"],
+                       "tpot_s": (full["wall_s"] - full["first_s"]) / (n - 1), "token_ids": full["token_ids"],
+                       "other_cpu_frac": max(first["other_cpu_frac"] or 0.0, full["other_cpu_frac"] or 0.0)})
+    med = {k: statistics.median(r[k] for r in rounds) for k in ("wall_s", "ttft_s", "ttft_in_call_s", "tpot_s")}
+    return {"concurrency": c, **med, "out_tok_per_s": statistics.median(c * n / r["wall_s"] for r in rounds),
+            "out_tok_per_s_rounds": [c * n / r["wall_s"] for r in rounds],
+            "other_cpu_frac": max(r["other_cpu_frac"] for r in rounds), "token_ids": rounds[0]["token_ids"]}
 
 
 def bench_hf(path: Path, workload: Workload, args: argparse.Namespace) -> dict:
@@ -191,7 +203,7 @@ def bench_hf(path: Path, workload: Workload, args: argparse.Namespace) -> dict:
            "attn_implementation": getattr(model.config, "_attn_implementation", None)}
     vocab = model.config.vocab_size
     hf_generate(model, [warmup_prompt(vocab)], 4, desc="hf warm-up")
-    res["runs"] = [hf_throughput(model, batch_prompts(workload, c, vocab), workload.output_len)
+    res["runs"] = [hf_throughput(model, batch_prompts(workload, c, vocab), workload)
                    for c in workload.concurrencies]
 
     def one(prompt):
@@ -294,6 +306,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--ttft-len", type=int, default=1024, help="0 skips the long-prompt TTFT")
     ap.add_argument("--ttft-reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each concurrency level, per engine")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--json", type=Path, help="write every raw figure here")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -317,7 +330,7 @@ def _other_cpu(res: dict) -> dict[str, float | None]:
 def run(args: argparse.Namespace) -> dict:
     """Every measurement of one run, as one JSON-ready dict."""
     workload = Workload(tuple(int(c) for c in args.concurrency.split(",")), args.prompt_len,
-                        args.output_len, args.ttft_len, args.ttft_reps)
+                        args.output_len, args.ttft_len, args.ttft_reps, args.rounds)
     path = resolve_model(args.model)
     res = {"model": {"arg": args.model, "path": str(path)}, "dtype": args.dtype,
            "workload": {**vars(workload), "concurrencies": list(workload.concurrencies)},

@@ -37,8 +37,11 @@ class Workload:
     output_len: int  # new tokens per request (EOS never stops a request)
     ttft_len: int  # prompt length of the single-request TTFT measurement (0 = skip)
     ttft_reps: int  # TTFT repetitions, each with a fresh prompt (median reported)
+    rounds: int = 1  # runs of each concurrency level (tok/s: median round; latencies: all requests)
 
     def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds: need >= 1, got {self.rounds}")
         if not self.concurrencies or min(self.concurrencies) < 1:
             raise ValueError(f"concurrency: need integers >= 1, got {self.concurrencies}")
         if self.prompt_len < 1 or self.output_len < 2:

@@ -44,7 +44,10 @@ def test_offline_smoke(tmp_path, capsys):
         assert sorted(runs) == [1, 2]
         for c, r in runs.items():
             assert _positive(r["out_tok_per_s"]) and _positive(r["wall_s"])
+            assert len(r["out_tok_per_s_rounds"]) == 3  # --rounds defaults to 3
+            assert min(r["out_tok_per_s_rounds"]) <= r["out_tok_per_s"] <= max(r["out_tok_per_s_rounds"])
             if engine == "tandem":
+                assert r["tpot_s"]["p50"] <= r["tpot_s"]["p90"] <= r["tpot_s"]["p99"]
                 for metric in ("ttft_s", "tpot_s", "e2e_s"):
                     assert all(_positive(r[metric][p]) for p in ("p50", "p90", "p99")), (engine, c, metric)
             else:
