@@ -55,7 +55,7 @@ inline __m256 exp8(__m256 x) {
 // A panel is read as kStreams concurrent front-to-back streams (its k range cut in kStreams
 // equal parts, walked in step): one stream per core leaves DRAM bandwidth unused, several keep
 // more cache misses in flight. Measured on the 2-core box over a model's worth of weights:
-// 1 stream 25-30 GB/s, 2 streams 29-37, 4 streams 28-38 (torch's sum reads 23-34 meanwhile).
+// 1 stream 25-30 GB/s, 2 streams 29-37, 4 streams 28-38 (torch's sum read 21-34 meanwhile).
 constexpr int64_t kStreams = 4;
 
 // MR rows of x against 8 NV columns of one panel (P points at the first column), over all of K:
@@ -85,8 +85,9 @@ inline void panel_block(const float* x, int64_t ldx, int64_t K, const float* P, 
 }
 
 // MR (1..4) rows against a whole panel: 64 / (8 NV) column blocks, NV = 8 / MR rounded down to
-// a divisor of 8. Measured (2-core box, a model's weights, cold): 8 rows as two 4-row passes of
-// this 31 -> 25 ms, 4 rows 23 -> 19 ms, against the earlier partial-sums-in-memory kernel.
+// a divisor of 8. Measured (2-core box, 300 MB of model-shaped weights, cold, alternating): 8 rows
+// as two 4-row passes of this 28.9 -> 23.4 ms, 4 rows 21.2 -> 19.8 ms, 2 rows 12.6 -> 11.2 ms,
+// against the earlier kernel that kept partial sums in memory.
 template <int MR>
 inline void panel_rows(const float* x, int64_t ldx, int64_t K, const float* P, float* out) {
   constexpr int NV = MR == 1 ? 8 : MR == 2 ? 4 : 2;
@@ -471,7 +472,7 @@ std::pair<at::Tensor, at::Tensor> decode_layer(const DecodeLayerWeights& w, cons
 }
 
 // Every layer of a dense model, held once at load so a decode step is one call from Python
-// (per-layer Python dispatch was ~35 us a layer). The weight tensors share the model's storage.
+// (per-layer Python dispatch took ~35 us a layer under cProfile). The weight tensors share the model's storage.
 class DecodeStack {
  public:
   void add_layer(at::Tensor ln1, at::Tensor ln2, double eps, at::Tensor qkv_w, c10::optional<at::Tensor> qkv_b,

@@ -18,7 +18,6 @@ from torch import nn
 
 from services.engine.kernels import load_cpu_ops
 from services.engine.model.attention import PagedAttention
-from services.engine.model.decoder import DecoderLayer
 from services.engine.model.packing import onednn_available, use_cpu_linears
 
 
