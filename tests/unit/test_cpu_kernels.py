@@ -149,6 +149,47 @@ def test_decode_attention_rejects_bad_tables(ops):
         ops.decode_attention(q, cache, torch.tensor([[1]]), torch.tensor([5]), 1.0, 0)
 
 
+def _reference_prefill(q, k, v, scale, window):
+    """torch SDPA with the explicit mask: query t at position S - T + t sees keys p <= it (and
+    p > it - window)."""
+    t, s = q.shape[0], k.shape[1]
+    q_pos, k_pos = torch.arange(s - t, s).unsqueeze(1), torch.arange(s).unsqueeze(0)
+    mask = k_pos <= q_pos
+    if window:
+        mask &= k_pos > q_pos - window
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+# (T, S, H, Hkv, D, window): the whole prompt (T == S) at tile and block edges, a chunk after
+# cached context (T < S), no GQA, head dims that end on an 8-wide d tile, sliding windows
+# shorter than a key block and than the chunk, one token
+@pytest.mark.parametrize("t,s,heads,hkv,d,window", [
+    (64, 64, 4, 2, 16, 0), (97, 97, 6, 2, 64, 0), (5, 90, 4, 2, 16, 0), (100, 300, 8, 8, 32, 0),
+    (70, 200, 4, 2, 24, 50), (33, 33, 6, 2, 8, 7), (200, 200, 3, 1, 40, 64), (1, 1, 2, 1, 8, 0),
+    (1, 130, 4, 4, 16, 0)])
+def test_prefill_attention_matches_masked_sdpa(ops, t, s, heads, hkv, d, window):
+    q = torch.randn(t, heads + 1, d)[:, :heads]  # a strided view, as sliced from qkv
+    k_rows, v_rows = torch.randn(s, hkv, d), torch.randn(s, hkv, d)
+    k, v = k_rows.transpose(0, 1), v_rows.transpose(0, 1)  # [Hkv, S, D] views of [S, Hkv, D]
+    got = ops.prefill_attention(q, k, v, d ** -0.5, window)
+    assert got.shape == (t, heads, d) and got.is_contiguous()
+    _close(got, _reference_prefill(q.contiguous(), k.contiguous(), v.contiguous(), d ** -0.5, window))
+
+
+def test_prefill_attention_rejects_bad_shapes(ops):
+    q, kv = torch.randn(4, 4, 16), torch.randn(2, 4, 16)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        ops.prefill_attention(torch.randn(4, 4, 12), torch.randn(2, 4, 12), torch.randn(2, 4, 12), 1.0, 0)
+    with pytest.raises(RuntimeError, match="query tokens <= keys"):
+        ops.prefill_attention(torch.randn(5, 4, 16), kv, kv, 1.0, 0)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        ops.prefill_attention(torch.randn(4, 3, 16), kv, kv, 1.0, 0)
+    with pytest.raises(RuntimeError, match="contiguous last dim"):
+        ops.prefill_attention(q, kv.transpose(1, 2), kv.transpose(1, 2), 1.0, 0)
+
+
 def test_engine_backend_uses_the_kernels_and_the_decode_stack(ops, tmp_path):
     """use_cpu_backend installs the kernels on a dense model, with a decode stack that takes
     decode-only steps of <= SMALL_ROWS rows, and kernels=False gives oneDNN."""

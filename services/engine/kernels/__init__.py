@@ -1,4 +1,5 @@
-"""Tandem's own CPU kernels (``cpu_ops.cpp``), compiled on first use with torch's extension builder.
+"""Tandem's own CPU kernels (``cpu_ops.cpp``, ``prefill_attention.cpp``, ``simd.h``), compiled on
+first use with torch's extension builder.
 
 ``load_cpu_ops()`` returns the compiled module, or None where it cannot run here (no AVX2/FMA,
 no C++ compiler, ``TANDEM_CPU_KERNELS=0``); the engine then keeps its plain torch path. The
@@ -21,7 +22,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "prefill_attention.cpp")]  # + simd.h
 # -ffp-contract=off: a * b + c stays two roundings, like torch's eager ops (intrinsics unaffected)
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"]
 ENV_SWITCH = "TANDEM_CPU_KERNELS"  # "0" turns the kernels off (the torch path runs)
@@ -51,7 +52,7 @@ def load_cpu_ops():
         return None
     try:
         from torch.utils.cpp_extension import load
-        return load(name=extension_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS,
+        return load(name=extension_name(), sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS,
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: the torch path still works
         log.warning("CPU kernels unavailable, using torch ops: %s", exc)

@@ -115,7 +115,8 @@ class PagedAttention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         # the engine's CPU kernels (set by use_cpu_kernels): K/V writes and decode attention read
-        # the paged cache in place, from ``decode_seq_lens`` (no gather, no mask)
+        # the paged cache in place, from ``decode_seq_lens`` (no gather, no mask); prefill
+        # attention masks from positions (no mask tensor)
         self.ops = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -160,7 +161,9 @@ class PagedAttention(nn.Module):
 
     def _prefill(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                  kv_cache: torch.Tensor, p: PrefillSlice) -> torch.Tensor:
-        """q [Tq, H, D] -> [Tq, H, D], attending to the sequence's first seq_len cached tokens."""
+        """q [Tq, H, D] -> [Tq, H, D], attending to the sequence's first seq_len cached tokens.
+        With the kernels: their ``prefill_attention`` (fp32, the query rows are the last Tq
+        positions, as ``PrefillSlice`` promises); otherwise torch's SDPA with ``p.mask``."""
         q_len = p.q_end - p.q_start
         if q_len == p.seq_len:  # no earlier context: the new K/V are the whole sequence
             keys = k_new[p.q_start:p.q_end].transpose(0, 1)  # [Hkv, S, D]
@@ -169,6 +172,8 @@ class PagedAttention(nn.Module):
             rows = block_rows(p.block_ids, self.num_kv_heads, kv_cache.shape[2])
             keys = gather_rows(kv_cache[0], rows)[:, :p.seq_len]
             values = gather_rows(kv_cache[1], rows)[:, :p.seq_len]
+        if self.ops is not None:  # causal (and windowed) masking from positions, inside the kernel
+            return self.ops.prefill_attention(q, keys, values, self.scale, self.sliding_window or 0)
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),  # [1, H, Tq, D]
             keys.unsqueeze(0).to(q.dtype),  # [1, Hkv, S, D]

@@ -3,7 +3,8 @@
 Three levels, best available first:
 - ``kernels``: the engine's compiled kernels (services/engine/kernels): panel64 linears, fused
   residual-add + RMSNorm, in-place rope, SwiGLU, K/V writes and decode attention that read the
-  paged cache in place. Needs AVX2 + FMA and a C++ compiler at first use.
+  paged cache in place, and a causal prefill attention that skips the masked half. Needs AVX2 +
+  FMA and a C++ compiler at first use.
 - ``onednn``: oneDNN linears with pre-packed weights (packing.py); torch ops for the rest.
 - ``torch``: plain torch everywhere (also every non-CPU or non-fp32 model).
 
@@ -24,7 +25,7 @@ from services.engine.model.packing import onednn_available, use_cpu_linears
 def use_cpu_kernels(model: nn.Module, ops) -> nn.Module:
     """Point every module with an ``ops`` slot (norms, attention, MLPs) at ``ops``, in place, and
     tell the runner that decode attention reads ``decode_seq_lens`` instead of a mask. The
-    kernels' decode attention takes head_dim = 8, 16, ... 512; other head sizes keep torch's
+    kernels' attention takes head_dim = 8, 16, ... 512; other head sizes keep torch's
     attention. A model whose layers are all ``fusable`` (dense, no q/k norm) with such a head size
     also gets ``decode_stack``: every layer of a decode step in one kernel call."""
     head_dim = model.config.head_dim
