@@ -33,7 +33,7 @@ constexpr int kMR = 6;      // rows of a register tile
 
 // The tiles' fixed-count loops carry "#pragma GCC unroll": unrolled that early, GCC 12 keeps the
 // accumulator arrays in registers; without it, it stored every accumulator to the stack on every
-// step of the reduction (measured: the whole kernel 1.6x slower).
+// step of the reduction (measured: the whole kernel ~2x slower, 34 against 16 ms at 1,024 tokens).
 
 // s[r, 0:16] = sum_d a[r, d] * kt[d, 0:16] for r < MR (a row stride lda, kt row stride ldk).
 template <int MR>
