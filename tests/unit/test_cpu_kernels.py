@@ -130,13 +130,16 @@ def _reference_decode(q, cache, tables, lens, scale, window):
     return torch.bmm(probs, values).view(hkv, b, groups, d).transpose(0, 1).reshape(b, h, d)
 
 
-@pytest.mark.parametrize("heads,hkv", [(4, 2), (2, 2), (6, 1)])
+# G = heads / hkv query heads per KV head: 1-4 take register accumulators in the value pass
+# where head_dim fits their column blocks (64 here; 8 does not), 6 the general loop
+@pytest.mark.parametrize("heads,hkv", [(4, 2), (2, 2), (6, 1), (12, 4), (8, 2)])
 @pytest.mark.parametrize("window", [None, 5])
-def test_decode_attention_reads_the_paged_cache(ops, heads, hkv, window):
-    cache = _cache(hkv=hkv)
+@pytest.mark.parametrize("d", [8, 64])
+def test_decode_attention_reads_the_paged_cache(ops, heads, hkv, window, d):
+    cache = _cache(hkv=hkv, d=d)
     tables = torch.tensor([[7, 2, 9, 0], [3, 11, 0, 0], [5, 0, 0, 0]])  # out of order, zero-padded
     lens = torch.tensor([15, 6, 1])
-    q = torch.randn(3, heads + 1, 8)[:, :heads]  # a strided view, as sliced from qkv
+    q = torch.randn(3, heads + 1, d)[:, :heads]  # a strided view, as sliced from qkv
     got = ops.decode_attention(q, cache, tables, lens, 0.35, window or 0)
     _close(got, _reference_decode(q.contiguous(), cache, tables, lens, 0.35, window))
 

@@ -334,6 +334,61 @@ inline void dots(const float* const* qs, int64_t G, const float* k, int64_t D, f
   }
 }
 
+// acc[g, c0 : c0 + 8 NV] = sum_t w[t, g] * V[t, c0 : c0 + 8 NV] for the G query heads, over the
+// rows [start, L) of one KV head's paged values: G x NV register accumulators (G NV <= 12), where
+// the general loop below loads and stores its sums in memory for every row. Same sums in the same
+// order (bit-identical output); B = 32 sequences of 100-200 tokens, 12 heads over 4 KV heads,
+// head_dim 64, alternating: 0.833 -> 0.679 ms (B = 8: 0.162 -> 0.137).
+template <int G, int NV>
+inline void weighted_values(const float* w, const float* Vh, const int64_t* table, int64_t bs, int64_t D,
+                            int64_t start, int64_t L, int64_t c0, float* acc) {
+  __m256 c[G][NV];
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 8
+    for (int u = 0; u < NV; ++u) c[g][u] = _mm256_setzero_ps();
+  for (int64_t t = start; t < L;) {
+    const int64_t blk = t / bs, end = std::min(L, (blk + 1) * bs);
+    const float* vv = Vh + (table[blk] * bs + t % bs) * D + c0;
+    for (; t < end; ++t, vv += D) {
+      __m256 v[NV];
+#pragma GCC unroll 8
+      for (int u = 0; u < NV; ++u) v[u] = _mm256_loadu_ps(vv + 8 * u);
+      const float* wt = w + (t - start) * G;
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        const __m256 x = _mm256_broadcast_ss(wt + g);
+#pragma GCC unroll 8
+        for (int u = 0; u < NV; ++u) c[g][u] = _mm256_fmadd_ps(x, v[u], c[g][u]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 8
+    for (int u = 0; u < NV; ++u) _mm256_storeu_ps(acc + g * D + c0 + 8 * u, c[g][u]);
+}
+
+// weighted_values over all D columns, in passes of 8 NV; false where G or D has no register plan.
+template <int G, int NV>
+inline bool weighted_values_all(const float* w, const float* Vh, const int64_t* table, int64_t bs, int64_t D,
+                                int64_t start, int64_t L, float* acc) {
+  if (D % (8 * NV)) return false;
+  for (int64_t c0 = 0; c0 < D; c0 += 8 * NV) weighted_values<G, NV>(w, Vh, table, bs, D, start, L, c0, acc);
+  return true;
+}
+
+inline bool weighted_values_fast(int64_t G, const float* w, const float* Vh, const int64_t* table, int64_t bs,
+                                 int64_t D, int64_t start, int64_t L, float* acc) {
+  switch (G) {
+    case 1: return weighted_values_all<1, 8>(w, Vh, table, bs, D, start, L, acc);
+    case 2: return weighted_values_all<2, 4>(w, Vh, table, bs, D, start, L, acc);
+    case 3: return weighted_values_all<3, 4>(w, Vh, table, bs, D, start, L, acc);
+    case 4: return weighted_values_all<4, 2>(w, Vh, table, bs, D, start, L, acc);
+    default: return false;
+  }
+}
+
 // One query token per sequence, read straight from the paged cache (no gather copy).
 // q [B, H, D] (last dim contiguous), kv_cache [2, Hkv, N, bs, D] contiguous, block_tables [B, W]
 // int64, seq_lens [B] int64 (tokens in cache, this step's included), window > 0 keeps only the
@@ -402,6 +457,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, con
       for (int64_t t = 0; t < len; ++t)
         for (int64_t g = 0; g < G; ++g) inv[g] += p[t * G + g];
       for (int64_t g = 0; g < G; ++g) inv[g] = 1.f / inv[g];
+      for (int64_t t = 0; t < len; ++t)
+        for (int64_t g = 0; g < G; ++g) p[t * G + g] *= inv[g];
+      if (weighted_values_fast(G, p.data(), Vh, table, bs, D, start, L, acc.data())) {
+        for (int64_t g = 0; g < G; ++g) std::copy_n(acc.data() + g * D, D, O + (b * H + h * G + g) * D);
+        continue;
+      }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = start; t < L;) {
         const int64_t blk = t / bs, end = std::min(L, (blk + 1) * bs);
@@ -409,7 +470,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, con
         for (; t < end; ++t, vv += D) {
           const float* pt = p.data() + (t - start) * G;
           for (int64_t g = 0; g < G; ++g) {
-            const __m256 w = _mm256_set1_ps(pt[g] * inv[g]);
+            const __m256 w = _mm256_set1_ps(pt[g]);
             float* a = acc.data() + g * D;
             for (int64_t d = 0; d < D; d += 8)
               _mm256_storeu_ps(a + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(vv + d), _mm256_loadu_ps(a + d)));
