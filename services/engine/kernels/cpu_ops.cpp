@@ -528,10 +528,20 @@ std::pair<at::Tensor, at::Tensor> decode_layer(const DecodeLayerWeights& w, cons
   return {linear_small(act, w.down_w, c10::nullopt, D), stream};
 }
 
-// Every layer of a dense model, held once at load so a decode step is one call from Python
-// (per-layer Python dispatch took ~35 us a layer under cProfile). The weight tensors share the model's storage.
+// Every layer of a dense model and its two ends (embedding lookup, rope table, final norm),
+// held once at load so a decode step is one call from Python (per-layer Python dispatch took
+// ~35 us a layer under cProfile). The tensors share the model's storage.
 class DecodeStack {
  public:
+  // embed [V, D] (the lookup table), cos_sin [P, Dh] (cos in the first half of a row, sin in the
+  // second: RotaryEmbedding's table), final RMSNorm weight [D] and epsilon.
+  DecodeStack(at::Tensor embed, at::Tensor cos_sin, at::Tensor norm_w, double norm_eps)
+      : embed_(std::move(embed)), cos_sin_(std::move(cos_sin)), norm_w_(std::move(norm_w)), norm_eps_(norm_eps) {
+    for (const at::Tensor* t : {&embed_, &cos_sin_, &norm_w_}) check_f32(*t, "model end");
+    TORCH_CHECK(embed_.dim() == 2 && cos_sin_.dim() == 2 && cos_sin_.is_contiguous() && norm_w_.numel() == embed_.size(1),
+                "decode stack ends: embed [V, D], contiguous cos_sin [P, Dh], norm weight [D]");
+  }
+
   void add_layer(at::Tensor ln1, at::Tensor ln2, double eps, at::Tensor qkv_w, c10::optional<at::Tensor> qkv_b,
                  at::Tensor o_w, c10::optional<at::Tensor> o_b, at::Tensor gate_up_w, at::Tensor down_w,
                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate, double scale,
@@ -543,23 +553,30 @@ class DecodeStack {
                        gate_up_w, down_w, num_heads, num_kv_heads, head_dim, intermediate, scale, window});
   }
 
-  // x [T <= 8, D] embeddings; kv_caches one per layer -> (last layer's output, residual stream).
-  std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                                  const std::vector<at::Tensor>& kv_caches, const at::Tensor& slots,
-                                  const at::Tensor& block_tables, const at::Tensor& seq_lens) const {
+  // input_ids, positions [T <= 8] int64; kv_caches one per layer -> hidden [T, D] after the final
+  // norm (CausalLM.forward's result). Ids or positions outside the tables raise (index_select).
+  at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, const std::vector<at::Tensor>& kv_caches,
+                     const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& seq_lens) const {
     TORCH_CHECK(kv_caches.size() == layers_.size(), "one kv cache per layer: ", layers_.size(), " layers, ",
                 kv_caches.size(), " caches");
-    TORCH_CHECK(x.dim() == 2 && x.size(0) <= kMaxSmallRows, "the decode stack takes 1..", kMaxSmallRows, " rows");
-    at::Tensor out = x, stream;
+    TORCH_CHECK(input_ids.dim() == 1 && input_ids.size(0) >= 1 && input_ids.size(0) <= kMaxSmallRows,
+                "the decode stack takes 1..", kMaxSmallRows, " rows");
+    TORCH_CHECK(positions.sizes() == input_ids.sizes(), "one position per input id");
+    const at::Tensor cs = cos_sin_.index_select(0, positions);  // [T, Dh]
+    const int64_t half = cs.size(1) / 2;
+    const at::Tensor cos = cs.narrow(1, 0, half), sin = cs.narrow(1, half, half);
+    at::Tensor out = embed_.index_select(0, input_ids), stream;  // [T, D], a new tensor
     for (size_t i = 0; i < layers_.size(); ++i)
       std::tie(out, stream) = decode_layer(layers_[i], out, stream, cos, sin, kv_caches[i], slots, block_tables,
                                            seq_lens);
-    return {out, stream};
+    return rms_norm(out, norm_w_, norm_eps_, stream);
   }
 
   int64_t size() const { return static_cast<int64_t>(layers_.size()); }
 
  private:
+  at::Tensor embed_, cos_sin_, norm_w_;
+  double norm_eps_;
   std::vector<DecodeLayerWeights> layers_;
 };
 
@@ -578,7 +595,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_attention", &tandem::prefill_attention, "causal attention of a prompt chunk over its keys",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("window"), release());
   py::class_<DecodeStack>(m, "DecodeStack", "a dense model's decoder layers for decode steps of <= 8 rows")
-      .def(py::init<>())
+      .def(py::init<at::Tensor, at::Tensor, at::Tensor, double>(), py::arg("embed"), py::arg("cos_sin"),
+           py::arg("norm_weight"), py::arg("norm_eps"))
       .def("add_layer", &DecodeStack::add_layer)
       .def("forward", &DecodeStack::forward, release())
       .def("__len__", &DecodeStack::size);

@@ -36,7 +36,9 @@ def use_cpu_kernels(model: nn.Module, ops) -> nn.Module:
     model.decode_mask_needed = not attention_ok
     layers = list(model.layers)
     if attention_ok and layers and all(layer.fusable() for layer in layers):
-        model.decode_stack = ops.DecodeStack()
+        # the stack holds the rope table as built at load (RotaryEmbedding.build_cache)
+        model.decode_stack = ops.DecodeStack(model.embed_tokens.weight, model.rotary.cos_sin, model.norm.weight,
+                                             model.norm.eps)
         for layer in layers:
             model.decode_stack.add_layer(*layer.decode_weights())
     return model

@@ -140,12 +140,11 @@ class CausalLM(nn.Module):
         """input_ids [T] int64, positions [T] int64 (position of each token in its sequence),
         kv_caches: one [2, Hkv, blocks, block_size, Dh] tensor per layer (written in place)
         -> hidden [T, D] after the final norm."""
+        if self.uses_decode_stack(input_ids.shape[0], meta):  # embedding to final norm in one call
+            return self.decode_stack.forward(input_ids, positions, kv_caches, meta.slot_mapping,
+                                             meta.decode_block_tables, meta.decode_seq_lens)
         cos, sin = self.rotary(positions, self.dtype)
         x, residual = self.embed_tokens(input_ids), None  # [T, D]; the lookup is a new tensor
-        if self.uses_decode_stack(x.shape[0], meta):
-            x, residual = self.decode_stack.forward(x, cos, sin, kv_caches, meta.slot_mapping,
-                                                    meta.decode_block_tables, meta.decode_seq_lens)
-            return self.norm.add_forward(x, residual)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, cos, sin, kv_cache, meta)
         return self.norm.add_forward(x, residual)
