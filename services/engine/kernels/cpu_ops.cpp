@@ -309,7 +309,6 @@ void write_kv(at::Tensor kv_cache, const at::Tensor& k, const at::Tensor& v, con
     }
 }
 
-
 // NQ query rows (compile-time, so the accumulators stay in registers) against one key row.
 template <int NQ>
 inline void dots_n(const float* const* qs, const float* k, int64_t D, float scale, float* scores) {
@@ -378,6 +377,8 @@ inline bool weighted_values_all(const float* w, const float* Vh, const int64_t* 
   return true;
 }
 
+// The register plan for G query heads per KV head (G NV <= 12 accumulators), run over all D
+// columns; false (nothing written) where there is none: G > 4, or D not a multiple of 8 NV.
 inline bool weighted_values_fast(int64_t G, const float* w, const float* Vh, const int64_t* table, int64_t bs,
                                  int64_t D, int64_t start, int64_t L, float* acc) {
   switch (G) {
