@@ -171,7 +171,7 @@ def _reference_prefill(q, k, v, scale, window):
 @pytest.mark.parametrize("t,s,heads,hkv,d,window", [
     (64, 64, 4, 2, 16, 0), (97, 97, 6, 2, 64, 0), (5, 90, 4, 2, 16, 0), (100, 300, 8, 8, 32, 0),
     (70, 200, 4, 2, 24, 50), (33, 33, 6, 2, 8, 7), (200, 200, 3, 1, 40, 64), (1, 1, 2, 1, 8, 0),
-    (1, 130, 4, 4, 16, 0)])
+    (1, 130, 4, 4, 16, 0), (128, 128, 4, 2, 16, 2)])  # window 2: a key block before the window of later rows
 def test_prefill_attention_matches_masked_sdpa(ops, t, s, heads, hkv, d, window):
     q = torch.randn(t, heads + 1, d)[:, :heads]  # a strided view, as sliced from qkv
     k_rows, v_rows = torch.randn(s, hkv, d), torch.randn(s, hkv, d)

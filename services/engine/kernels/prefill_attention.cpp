@@ -143,12 +143,14 @@ void online_softmax(const Problem& pb, Scratch& w, int64_t M, int64_t nq, int64_
       continue;
     }
     mv = _mm256_set1_ps(mx);
-    __m256 sum = _mm256_setzero_ps();
-    for (int64_t j = 0; j < kK; j += 8) {
-      const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
-      _mm256_storeu_ps(s + j, p);
-      sum = _mm256_add_ps(sum, p);
+    for (int64_t j = 0; j < kK; j += 8) _mm256_storeu_ps(s + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv)));
+    if (lo > 0 || hi < kK) {  // exp8 clamps at e^-87.3, not 0: masked keys get exactly 0
+      const int64_t a = std::min(lo, kK), b = std::clamp<int64_t>(hi, a, kK);  // lo may pass the block, hi precede it
+      std::fill(s, s + a, 0.f);
+      std::fill(s + b, s + kK, 0.f);
     }
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < kK; j += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(s + j));
     const float alpha = std::exp(w.m[r] - mx);  // 0 for the first block seen (m = -inf)
     w.l[r] = w.l[r] * alpha + hsum8(sum);
     w.m[r] = mx;
