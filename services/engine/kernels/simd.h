@@ -1,10 +1,35 @@
-// Helpers shared by the CPU kernels' translation units (AVX2 + FMA, fp32).
+// Helpers shared by the CPU kernels' translation units, and the ISA level of this build.
+//
+// The same sources are compiled once per kernel variant (services/engine/kernels/variants.py):
+// "avx2" with -mavx2 -mfma, "avx512" with -mavx512f/bw/vl/dq on top. TANDEM_AVX512 says which
+// one this is; code written for 512-bit vectors sits under it, the AVX2 code serves both (in
+// the avx512 build the compiler may give it 32 vector registers and EVEX encodings). Every
+// symbol lives in the inline namespace tandem::TANDEM_ISA_NS, so two variants loaded in one
+// process (the tests, the A/B benches) never bind each other's functions.
 #pragma once
 
 #include <torch/extension.h>
 #include <immintrin.h>
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define TANDEM_AVX512 1
+#define TANDEM_ISA_NS avx512
+#define TANDEM_ISA_NAME "avx512"
+#else
+#define TANDEM_AVX512 0
+#define TANDEM_ISA_NS avx2
+#define TANDEM_ISA_NAME "avx2"
+#endif
+
+// Functions for AVX512_BF16 (vdpbf16ps) in the avx512 build: compiled for that extension one
+// function at a time, called only after bf16_supported() (an AVX-512 CPU need not have it).
+#define TANDEM_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
 namespace tandem {
+inline namespace TANDEM_ISA_NS {
+
+constexpr int64_t kPanel = 64;        // output columns per panel64 weight panel
+constexpr int64_t kMaxSmallRows = 8;  // rows of linear_small (and of the decode stack)
 
 inline void check_f32(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
@@ -36,4 +61,18 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
 }
 
+// ---- kernels called across translation units ---------------------------------------------------
+
+// panel_linear.cpp: x [M <= 8, K] @ panel64 weight [NB, K, 64] (+ bias [N]) -> [M, N].
+at::Tensor linear_small(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                        int64_t n_out);
+// panel_linear.cpp: the ISA of linear_small's code path in this build ("avx512" or "avx2").
+const char* linear_small_isa();
+// panel_linear.cpp: the read-bandwidth probe (sum of x read as linear_small reads weights).
+double read_streams(const at::Tensor& x);
+// prefill_attention.cpp
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                             int64_t window);
+
+}  // namespace TANDEM_ISA_NS
 }  // namespace tandem

@@ -1,10 +1,10 @@
 """The CPU fp32 fast path, installed on a built and loaded model (not as branches in the builder).
 
 Three levels, best available first:
-- ``kernels``: the engine's compiled kernels (services/engine/kernels): panel64 linears, fused
-  residual-add + RMSNorm, in-place rope, SwiGLU, K/V writes and decode attention that read the
-  paged cache in place, and a causal prefill attention that skips the masked half. Needs AVX2 +
-  FMA and a C++ compiler at first use.
+- ``kernels``: the engine's compiled kernels (services/engine/kernels; the ISA variant this CPU
+  runs best, avx512 or avx2): panel64 linears, fused residual-add + RMSNorm, in-place rope,
+  SwiGLU, K/V writes and decode attention that read the paged cache in place, and a causal
+  prefill attention that skips the masked half. Needs AVX2 + FMA and a C++ compiler at first use.
 - ``onednn``: oneDNN linears with pre-packed weights (packing.py); torch ops for the rest.
 - ``torch``: plain torch everywhere (also every non-CPU or non-fp32 model).
 
@@ -44,13 +44,14 @@ def use_cpu_kernels(model: nn.Module, ops) -> nn.Module:
     return model
 
 
-def use_cpu_backend(model: nn.Module, kernels: bool = True) -> str:
+def use_cpu_backend(model: nn.Module, kernels: bool = True, variant: str | None = None) -> str:
     """Install the best CPU fp32 path on ``model`` (in place); returns its name (see the module
-    docstring). ``kernels=False`` skips the compiled kernels."""
+    docstring). ``kernels=False`` skips the compiled kernels; ``variant`` forces a kernel build
+    ("avx512", "avx2", "torch"; None = the environment's choice, see services/engine/kernels)."""
     param = next(model.parameters())
     if param.device.type != "cpu" or param.dtype != torch.float32:
         return "torch"
-    ops = load_cpu_ops() if kernels else None
+    ops = load_cpu_ops(variant) if kernels else None
     if ops is not None:
         use_cpu_linears(model, ops)
         use_cpu_kernels(model, ops)
