@@ -4,10 +4,11 @@ variants.py, __init__.py): pure logic on given flag sets, plus the loader on thi
 from __future__ import annotations
 
 import pytest
+import torch
 
 from services.engine.kernels import (ENV_SWITCH, cpu_supports_kernels, dispatch_report, kernel_choice_from_env,
                                      load_cpu_ops)
-from services.engine.kernels.cpu_features import CpuFeatures, cpu_features, parse_cpuinfo
+from services.engine.kernels.cpu_features import CpuFeatures, auto_cpu_dtype, cpu_features, parse_cpuinfo
 from services.engine.kernels.variants import VARIANTS, pick_variant, runnable_variants
 
 ZEN3 = "fpu sse sse2 avx f16c fma avx2 bmi2 sha_ni"
@@ -38,6 +39,12 @@ def test_auto_takes_the_best_variant_the_cpu_runs(flags, cls, best):
     chosen = pick_variant("auto", cpu)
     assert (chosen.name if chosen else None) == best
     assert pick_variant("torch", cpu) is None
+
+
+@pytest.mark.parametrize("flags,dtype", [(ZEN3, torch.float32), (SKYLAKE_SP, torch.float32),
+                                         (ZEN4, torch.bfloat16), (SAPPHIRE_RAPIDS, torch.bfloat16)])
+def test_auto_dtype_is_bf16_only_where_the_cpu_multiplies_bf16(flags, dtype):
+    assert auto_cpu_dtype(_cpu(flags)) == dtype
 
 
 def test_forcing_a_variant():

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -138,10 +139,10 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
 
 // ---- paged KV cache -----------------------------------------------------------------------------
 
-// kv_cache [2, Hkv, N, bs, D] contiguous; k, v [T, Hkv, D] (last dim contiguous); slots [T] int64
+// kv_cache [2, Hkv, N, bs, D] contiguous, fp32 or bf16; k, v [T, Hkv, D] fp32 (last dim contiguous); slots [T] int64
 // (slot = block * bs + offset): cache[0/1, h, slot] = k/v[t, h].
 void write_kv(at::Tensor kv_cache, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots) {
-  check_f32(kv_cache, "kv_cache");
+  check_kv_dtype(kv_cache, "kv_cache");
   check_f32(k, "k");
   check_f32(v, "v");
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
@@ -155,31 +156,45 @@ void write_kv(at::Tensor kv_cache, const at::Tensor& k, const at::Tensor& v, con
   const int64_t* sl = slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(sl[t] >= 0 && sl[t] < slots_total, "slot ", sl[t], " is outside the cache");
-  float* Kc = kv_cache.data_ptr<float>();
-  float* Vc = Kc + Hkv * slots_total * D;
   const float* Kp = k.data_ptr<float>();
   const float* Vp = v.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t h = 0; h < Hkv; ++h) {
-      std::copy_n(Kp + t * k.stride(0) + h * k.stride(1), D, Kc + (h * slots_total + sl[t]) * D);
-      std::copy_n(Vp + t * v.stride(0) + h * v.stride(1), D, Vc + (h * slots_total + sl[t]) * D);
-    }
+  auto store = [&](auto* Kc) {  // float, or uint16_t for bf16 (rounded to nearest even, as torch)
+    auto* Vc = Kc + Hkv * slots_total * D;
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const float* ks = Kp + t * k.stride(0) + h * k.stride(1);
+        const float* vs = Vp + t * v.stride(0) + h * v.stride(1);
+        auto* kd = Kc + (h * slots_total + sl[t]) * D;
+        auto* vd = Vc + (h * slots_total + sl[t]) * D;
+        if constexpr (std::is_same_v<std::remove_pointer_t<decltype(Kc)>, float>) {
+          std::copy_n(ks, D, kd);
+          std::copy_n(vs, D, vd);
+        } else {
+          for (int64_t d = 0; d < D; ++d) kd[d] = bf16_bits(ks[d]), vd[d] = bf16_bits(vs[d]);
+        }
+      }
+  };
+  if (kv_cache.scalar_type() == at::kBFloat16)
+    store(reinterpret_cast<uint16_t*>(kv_cache.data_ptr<at::BFloat16>()));
+  else
+    store(kv_cache.data_ptr<float>());
 }
 
 // NQ query rows (compile-time, so the accumulators stay in registers) against one key row.
-template <int NQ>
-inline void dots_n(const float* const* qs, const float* k, int64_t D, float scale, float* scores) {
+template <int NQ, typename C>
+inline void dots_n(const float* const* qs, const C* k, int64_t D, float scale, float* scores) {
   __m256 acc[NQ];
   for (int g = 0; g < NQ; ++g) acc[g] = _mm256_setzero_ps();
   for (int64_t d = 0; d < D; d += 8) {
-    const __m256 kv = _mm256_loadu_ps(k + d);
+    const __m256 kv = load8(k + d);
     for (int g = 0; g < NQ; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qs[g] + d), kv, acc[g]);
   }
   for (int g = 0; g < NQ; ++g) scores[g] = hsum8(acc[g]) * scale;
 }
 
 // Dot products of G query rows with one key row: scores[g] = scale * q_g . k (D % 8 == 0).
-inline void dots(const float* const* qs, int64_t G, const float* k, int64_t D, float scale, float* scores) {
+template <typename C>
+inline void dots(const float* const* qs, int64_t G, const C* k, int64_t D, float scale, float* scores) {
   int64_t g = 0;
   for (; g + 4 <= G; g += 4) dots_n<4>(qs + g, k, D, scale, scores + g);
   switch (G - g) {
@@ -195,8 +210,8 @@ inline void dots(const float* const* qs, int64_t G, const float* k, int64_t D, f
 // the general loop below loads and stores its sums in memory for every row. Same sums in the same
 // order (bit-identical output); B = 32 sequences of 100-200 tokens, 12 heads over 4 KV heads,
 // head_dim 64, alternating: 0.833 -> 0.679 ms (B = 8: 0.162 -> 0.137).
-template <int G, int NV>
-inline void weighted_values(const float* w, const float* Vh, const int64_t* table, int64_t bs, int64_t D,
+template <int G, int NV, typename C>
+inline void weighted_values(const float* w, const C* Vh, const int64_t* table, int64_t bs, int64_t D,
                             int64_t start, int64_t L, int64_t c0, float* acc) {
   __m256 c[G][NV];
 #pragma GCC unroll 4
@@ -205,11 +220,11 @@ inline void weighted_values(const float* w, const float* Vh, const int64_t* tabl
     for (int u = 0; u < NV; ++u) c[g][u] = _mm256_setzero_ps();
   for (int64_t t = start; t < L;) {
     const int64_t blk = t / bs, end = std::min(L, (blk + 1) * bs);
-    const float* vv = Vh + (table[blk] * bs + t % bs) * D + c0;
+    const C* vv = Vh + (table[blk] * bs + t % bs) * D + c0;
     for (; t < end; ++t, vv += D) {
       __m256 v[NV];
 #pragma GCC unroll 8
-      for (int u = 0; u < NV; ++u) v[u] = _mm256_loadu_ps(vv + 8 * u);
+      for (int u = 0; u < NV; ++u) v[u] = load8(vv + 8 * u);
       const float* wt = w + (t - start) * G;
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g) {
@@ -226,8 +241,8 @@ inline void weighted_values(const float* w, const float* Vh, const int64_t* tabl
 }
 
 // weighted_values over all D columns, in passes of 8 NV; false where G or D has no register plan.
-template <int G, int NV>
-inline bool weighted_values_all(const float* w, const float* Vh, const int64_t* table, int64_t bs, int64_t D,
+template <int G, int NV, typename C>
+inline bool weighted_values_all(const float* w, const C* Vh, const int64_t* table, int64_t bs, int64_t D,
                                 int64_t start, int64_t L, float* acc) {
   if (D % (8 * NV)) return false;
   for (int64_t c0 = 0; c0 < D; c0 += 8 * NV) weighted_values<G, NV>(w, Vh, table, bs, D, start, L, c0, acc);
@@ -236,7 +251,8 @@ inline bool weighted_values_all(const float* w, const float* Vh, const int64_t* 
 
 // The register plan for G query heads per KV head (G NV <= 12 accumulators), run over all D
 // columns; false (nothing written) where there is none: G > 4, or D not a multiple of 8 NV.
-inline bool weighted_values_fast(int64_t G, const float* w, const float* Vh, const int64_t* table, int64_t bs,
+template <typename C>
+inline bool weighted_values_fast(int64_t G, const float* w, const C* Vh, const int64_t* table, int64_t bs,
                                  int64_t D, int64_t start, int64_t L, float* acc) {
   switch (G) {
     case 1: return weighted_values_all<1, 8>(w, Vh, table, bs, D, start, L, acc);
@@ -255,7 +271,7 @@ inline bool weighted_values_fast(int64_t G, const float* w, const float* Vh, con
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
                             const at::Tensor& seq_lens, double scale, int64_t window) {
   check_f32(q, "q");
-  check_f32(kv_cache, "kv_cache");
+  check_kv_dtype(kv_cache, "kv_cache");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [B, H, D] with a contiguous last dim");
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
               "kv_cache must be a contiguous [2, Hkv, N, bs, D] tensor");
@@ -279,10 +295,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, con
   }
   at::Tensor out = at::empty({B, H, D}, q.options());
   const float* Q = q.data_ptr<float>();
-  const float* Kc = kv_cache.data_ptr<float>();
-  const float* Vc = Kc + Hkv * N * bs * D;
   float* O = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
+  // Kc: the cache's keys, float or uint16_t (bf16 bits); its values follow them
+  auto attend = [&](const auto* Kc) {
+  using C = std::remove_const_t<std::remove_pointer_t<decltype(Kc)>>;
+  const C* Vc = Kc + Hkv * N * bs * D;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> p(max_len * G);  // p[t * G + g]: scores, then probabilities
     std::vector<float> acc(G * D);
@@ -292,13 +310,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, con
       const int64_t b = i / Hkv, h = i % Hkv, L = lens[b];
       const int64_t start = window > 0 ? std::max<int64_t>(0, L - window) : 0;
       const int64_t* table = bt + b * W;
-      const float* Kh = Kc + h * N * bs * D;
-      const float* Vh = Vc + h * N * bs * D;
+      const C* Kh = Kc + h * N * bs * D;
+      const C* Vh = Vc + h * N * bs * D;
       for (int64_t g = 0; g < G; ++g) qs[g] = Q + b * q.stride(0) + (h * G + g) * q.stride(1);
       std::fill(mx.begin(), mx.end(), -INFINITY);
       for (int64_t t = start; t < L;) {  // block by block: one table lookup per block
         const int64_t blk = t / bs, end = std::min(L, (blk + 1) * bs);
-        const float* row = Kh + (table[blk] * bs + t % bs) * D;
+        const C* row = Kh + (table[blk] * bs + t % bs) * D;
         for (; t < end; ++t, row += D) {
           float* st = p.data() + (t - start) * G;
           dots(qs.data(), G, row, D, sc, st);
@@ -324,26 +342,38 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, con
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = start; t < L;) {
         const int64_t blk = t / bs, end = std::min(L, (blk + 1) * bs);
-        const float* vv = Vh + (table[blk] * bs + t % bs) * D;
+        const C* vv = Vh + (table[blk] * bs + t % bs) * D;
         for (; t < end; ++t, vv += D) {
           const float* pt = p.data() + (t - start) * G;
           for (int64_t g = 0; g < G; ++g) {
             const __m256 w = _mm256_set1_ps(pt[g]);
             float* a = acc.data() + g * D;
             for (int64_t d = 0; d < D; d += 8)
-              _mm256_storeu_ps(a + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(vv + d), _mm256_loadu_ps(a + d)));
+              _mm256_storeu_ps(a + d, _mm256_fmadd_ps(w, load8(vv + d), _mm256_loadu_ps(a + d)));
           }
         }
       }
       for (int64_t g = 0; g < G; ++g) std::copy_n(acc.data() + g * D, D, O + (b * H + h * G + g) * D);
     }
   });
+  };
+  if (kv_cache.scalar_type() == at::kBFloat16)
+    attend(reinterpret_cast<const uint16_t*>(kv_cache.data_ptr<at::BFloat16>()));
+  else
+    attend(kv_cache.data_ptr<float>());
   return out;
 }
 
 // ---- the decoder stack for a decode-only step ----------------------------------------------------
 
-// One dense pre-norm layer's fixed arguments (no q/k norm, SwiGLU MLP, panel64 weights).
+// A decode-row linear over either weight layout: fp32 panel64 [NB, K, 64] (linear_small) or bf16
+// pair panels [NB, K2, 64, 2] (linear_bf16, vdpbf16ps where the CPU has it).
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, int64_t n) {
+  return w.scalar_type() == at::kBFloat16 ? linear_bf16(x, w, bias, n, true) : linear_small(x, w, bias, n);
+}
+
+// One dense pre-norm layer's fixed arguments (no q/k norm, SwiGLU MLP, panel64 or pair-panel
+// weights; norms and biases fp32).
 struct DecodeLayerWeights {
   at::Tensor ln1, ln2;          // [D] input / post-attention RMSNorm weights
   double eps;                   // RMSNorm epsilon
@@ -374,16 +404,16 @@ std::pair<at::Tensor, at::Tensor> decode_layer(const DecodeLayerWeights& w, cons
     h = rms_norm(x, w.ln1, w.eps, c10::nullopt);
   }
   const auto opt = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
-  at::Tensor qkv = linear_small(h, w.qkv_w, opt(w.qkv_b), q_size + 2 * kv_size);
+  at::Tensor qkv = linear_rows(h, w.qkv_w, opt(w.qkv_b), q_size + 2 * kv_size);
   rope_(qkv.narrow(1, 0, q_size + kv_size).view({T, w.num_heads + w.num_kv_heads, Dh}), cos, sin);
   const at::Tensor q = qkv.narrow(1, 0, q_size).view({T, w.num_heads, Dh});
   write_kv(kv_cache, qkv.narrow(1, q_size, kv_size).view({T, w.num_kv_heads, Dh}),
            qkv.narrow(1, q_size + kv_size, kv_size).view({T, w.num_kv_heads, Dh}), slots);
   at::Tensor attn = decode_attention(q, kv_cache, block_tables, seq_lens, w.scale, w.window);
-  at::Tensor o = linear_small(attn.view({T, q_size}), w.o_w, opt(w.o_b), D);
+  at::Tensor o = linear_rows(attn.view({T, q_size}), w.o_w, opt(w.o_b), D);
   at::Tensor h2 = rms_norm(o, w.ln2, w.eps, stream);
-  at::Tensor act = silu_and_mul(linear_small(h2, w.gate_up_w, c10::nullopt, 2 * w.intermediate));
-  return {linear_small(act, w.down_w, c10::nullopt, D), stream};
+  at::Tensor act = silu_and_mul(linear_rows(h2, w.gate_up_w, c10::nullopt, 2 * w.intermediate));
+  return {linear_rows(act, w.down_w, c10::nullopt, D), stream};
 }
 
 // Every layer of a dense model and its two ends (embedding lookup, rope table, final norm),
@@ -391,11 +421,12 @@ std::pair<at::Tensor, at::Tensor> decode_layer(const DecodeLayerWeights& w, cons
 // ~35 us a layer under cProfile). The tensors share the model's storage.
 class DecodeStack {
  public:
-  // embed [V, D] (the lookup table), cos_sin [P, Dh] (cos in the first half of a row, sin in the
+  // embed [V, D] (the lookup table, fp32 or bf16), cos_sin [P, Dh] (cos in the first half of a row, sin in the
   // second: RotaryEmbedding's table), final RMSNorm weight [D] and epsilon.
   DecodeStack(at::Tensor embed, at::Tensor cos_sin, at::Tensor norm_w, double norm_eps)
       : embed_(std::move(embed)), cos_sin_(std::move(cos_sin)), norm_w_(std::move(norm_w)), norm_eps_(norm_eps) {
-    for (const at::Tensor* t : {&embed_, &cos_sin_, &norm_w_}) check_f32(*t, "model end");
+    for (const at::Tensor* t : {&cos_sin_, &norm_w_}) check_f32(*t, "model end");
+    check_kv_dtype(embed_, "embed");  // fp32 or bf16 (rows widened to fp32 at lookup)
     TORCH_CHECK(embed_.dim() == 2 && cos_sin_.dim() == 2 && cos_sin_.is_contiguous() && norm_w_.numel() == embed_.size(1),
                 "decode stack ends: embed [V, D], contiguous cos_sin [P, Dh], norm weight [D]");
   }
@@ -404,9 +435,13 @@ class DecodeStack {
                  at::Tensor o_w, c10::optional<at::Tensor> o_b, at::Tensor gate_up_w, at::Tensor down_w,
                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate, double scale,
                  int64_t window) {
-    for (const at::Tensor* t : {&ln1, &ln2, &qkv_w, &o_w, &gate_up_w, &down_w}) check_f32(*t, "layer weight");
-    TORCH_CHECK(qkv_w.dim() == 3 && qkv_w.size(2) == kPanel && down_w.dim() == 3 && down_w.size(2) == kPanel,
-                "decode stack weights must be panel64");
+    for (const at::Tensor* t : {&ln1, &ln2}) check_f32(*t, "layer norm weight");
+    const bool bf16 = qkv_w.scalar_type() == at::kBFloat16;
+    for (const at::Tensor* t : {&qkv_w, &o_w, &gate_up_w, &down_w}) {
+      const bool ok = bf16 ? t->scalar_type() == at::kBFloat16 && t->dim() == 4 && t->size(2) == kPanel
+                           : t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(2) == kPanel;
+      TORCH_CHECK(ok, "decode stack weights must be all panel64 (fp32) or all bf16 pair panels [NB, K2, 64, 2]");
+    }
     layers_.push_back({ln1, ln2, eps, qkv_w, qkv_b.value_or(at::Tensor()), o_w, o_b.value_or(at::Tensor()),
                        gate_up_w, down_w, num_heads, num_kv_heads, head_dim, intermediate, scale, window});
   }
@@ -423,7 +458,7 @@ class DecodeStack {
     const at::Tensor cs = cos_sin_.index_select(0, positions);  // [T, Dh]
     const int64_t half = cs.size(1) / 2;
     const at::Tensor cos = cs.narrow(1, 0, half), sin = cs.narrow(1, half, half);
-    at::Tensor out = embed_.index_select(0, input_ids), stream;  // [T, D], a new tensor
+    at::Tensor out = embed_.index_select(0, input_ids).to(at::kFloat), stream;  // [T, D], a new tensor
     for (size_t i = 0; i < layers_.size(); ++i)
       std::tie(out, stream) = decode_layer(layers_[i], out, stream, cos, sin, kv_caches[i], slots, block_tables,
                                            seq_lens);
@@ -447,6 +482,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("linear_small", &linear_small, "x [M<=8, K] @ panel64 weight -> [M, N]", py::arg("x"), py::arg("w"),
         py::arg("bias"), py::arg("n_out"), release());
+  m.def("linear_bf16", &linear_bf16, "x [M, K] fp32 @ bf16 pair-panel weight -> [M, N] fp32", py::arg("x"),
+        py::arg("w"), py::arg("bias"), py::arg("n_out"), py::arg("dot") = true, release());
+  m.def("bf16_dot_supported", &bf16_dot_supported, "this build and CPU run vdpbf16ps (AVX512_BF16)");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after residual += x", py::arg("x"), py::arg("weight"),
         py::arg("eps"), py::arg("residual") = py::none(), release());
   m.def("rope_", &rope_, "rotate-half rotary embedding in place", release());
@@ -468,9 +506,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // op -> the vector ISA of the code it runs in this build ("avx2": 256-bit AVX2 + FMA code)
   py::dict op_isa;
   op_isa["linear_small"] = linear_small_isa();
+  op_isa["linear_bf16"] = linear_bf16_isa();
   for (const char* op : {"rms_norm", "rope_", "silu_and_mul", "write_kv", "decode_attention", "prefill_attention"})
     op_isa[op] = "avx2";
-  op_isa["DecodeStack"] = std::string("linear_small ") + linear_small_isa() + ", the rest avx2";
+  op_isa["DecodeStack"] = std::string("linear_small ") + linear_small_isa() + ", linear_bf16 " + linear_bf16_isa() +
+                          ", the rest avx2";
   m.attr("OP_ISA") = op_isa;
   m.attr("PANEL") = kPanel;
   m.attr("MAX_SMALL_ROWS") = kMaxSmallRows;

@@ -12,7 +12,7 @@
 // 4 KV heads, head_dim 64), alternating: 15.5-17.7 ms against 21.6-23.1; the whole 1,024-token
 // TTFT 0.996 -> 0.929 s (median of 8 alternating pairs).
 //
-// Shapes: q [T, H, D]; k, v [Hkv, S, D] (any strides, last dim contiguous); query row t sits
+// Shapes: q [T, H, D] fp32; k, v [Hkv, S, D] fp32 or bf16 (any strides, last dim contiguous); query row t sits
 // at position S - T + t and sees keys at positions p <= its own (and, with window > 0, p >
 // its own - window). D % 8 == 0. Numerics: fp32, sums in another order than torch's.
 
@@ -200,24 +200,33 @@ void attend(const Problem& pb, Scratch& w, int64_t h, int64_t t0, int64_t nq) {
   }
 }
 
-// K, V [Hkv, S, D] (any strides) -> K^T by key block [Hkv, Sp / kK, D, kK] and V [Hkv, Sp, D],
-// zero past S: every tile the items read has rows kK * 4 or D * 4 bytes apart, whatever S and
-// the source strides (one [D, S] K^T would put them S * 4 bytes apart: 4 KiB at S = 1,024).
+// fp32 from fp32 or bf16 storage (bf16: the high half of an fp32).
+inline float widen(float f) { return f; }
+inline float widen(at::BFloat16 b) { return static_cast<float>(b); }
+
+// K, V [Hkv, S, D] (any strides; fp32, or bf16 gathered from a bf16 cache) -> fp32 K^T by key
+// block [Hkv, Sp / kK, D, kK] and V [Hkv, Sp, D], zero past S: every tile the items read has
+// rows kK * 4 or D * 4 bytes apart, whatever S and the source strides (one [D, S] K^T would
+// put them S * 4 bytes apart: 4 KiB at S = 1,024).
+template <typename C>
 std::pair<at::Tensor, at::Tensor> pack_kv(const at::Tensor& k, const at::Tensor& v, int64_t Sp) {
   const int64_t Hkv = k.size(0), S = k.size(1), D = k.size(2);
-  at::Tensor kt = at::zeros({Hkv, Sp / kK, D, kK}, k.options());
-  at::Tensor vp = at::zeros({Hkv, Sp, D}, v.options());
-  const float* ks = k.data_ptr<float>();
-  const float* vs = v.data_ptr<float>();
+  const auto f32 = k.options().dtype(at::kFloat);
+  at::Tensor kt = at::zeros({Hkv, Sp / kK, D, kK}, f32);
+  at::Tensor vp = at::zeros({Hkv, Sp, D}, f32);
+  const C* ks = k.data_ptr<C>();
+  const C* vs = v.data_ptr<C>();
   float* kd = kt.data_ptr<float>();
   float* vd = vp.data_ptr<float>();
   at::parallel_for(0, Hkv * (Sp / kK), 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {  // one key block of one head
       const int64_t h = i / (Sp / kK), key0 = i % (Sp / kK) * kK, n = std::min(kK, S - key0);
       for (int64_t j = 0; j < n; ++j) {
-        const float* krow = ks + h * k.stride(0) + (key0 + j) * k.stride(1);
-        for (int64_t d = 0; d < D; ++d) kd[(i * D + d) * kK + j] = krow[d];
-        std::copy_n(vs + h * v.stride(0) + (key0 + j) * v.stride(1), D, vd + (h * Sp + key0 + j) * D);
+        const C* krow = ks + h * k.stride(0) + (key0 + j) * k.stride(1);
+        const C* vrow = vs + h * v.stride(0) + (key0 + j) * v.stride(1);
+        float* vdst = vd + (h * Sp + key0 + j) * D;
+        for (int64_t d = 0; d < D; ++d) kd[(i * D + d) * kK + j] = widen(krow[d]);
+        for (int64_t d = 0; d < D; ++d) vdst[d] = widen(vrow[d]);
       }
     }
   });
@@ -229,8 +238,9 @@ std::pair<at::Tensor, at::Tensor> pack_kv(const at::Tensor& k, const at::Tensor&
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                              int64_t window) {
   check_f32(q, "q");
-  check_f32(k, "k");
-  check_f32(v, "v");
+  check_kv_dtype(k, "k");
+  check_kv_dtype(v, "v");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v must have one dtype");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q must be [T, H, D], k and v [Hkv, S, D]");
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "q, k and v need a contiguous last dim");
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(0), S = k.size(1);
@@ -239,7 +249,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   TORCH_CHECK(D % 8 == 0 && D <= 512, "head_dim must be a multiple of 8 up to 512, got ", D);
   TORCH_CHECK(T >= 1 && T <= S, "need 1 <= query tokens <= keys, got ", T, " and ", S);
   const int64_t Sp = (S + kK - 1) / kK * kK;
-  const auto [kt, vp] = pack_kv(k, v, Sp);
+  const auto [kt, vp] = k.scalar_type() == at::kBFloat16 ? pack_kv<at::BFloat16>(k, v, Sp) : pack_kv<float>(k, v, Sp);
   at::Tensor out = at::empty({T, H, D}, q.options());
   const Problem pb{q.data_ptr<float>(), q.stride(0), q.stride(1), kt.data_ptr<float>(), vp.data_ptr<float>(),
                    out.data_ptr<float>(), T, S, H, H / Hkv, D, Sp, window,

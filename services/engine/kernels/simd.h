@@ -11,6 +11,9 @@
 #include <torch/extension.h>
 #include <immintrin.h>
 
+#include <cstdint>
+#include <cstring>
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define TANDEM_AVX512 1
 #define TANDEM_ISA_NS avx512
@@ -54,6 +57,27 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+// 8 floats from fp32 or bf16 storage (a bf16 is the high half of its fp32: shift it up).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+// fp32 -> bf16 bits, round to nearest even (torch's .to(torch.bfloat16)); NaN stays a quiet NaN.
+inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffff) > 0x7f800000) return 0x7fc0;
+  return static_cast<uint16_t>((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+// A KV cache tensor: fp32 or bf16 storage (the kernels compute in fp32 either way).
+inline void check_kv_dtype(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16), name,
+              " must be a float32 or bfloat16 CPU tensor");
+}
+
 // Sum of the 8 lanes.
 inline float hsum8(__m256 v) {
   const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -70,6 +94,12 @@ at::Tensor linear_small(const at::Tensor& x, const at::Tensor& w, const c10::opt
 const char* linear_small_isa();
 // panel_linear.cpp: the read-bandwidth probe (sum of x read as linear_small reads weights).
 double read_streams(const at::Tensor& x);
+// bf16_linear.cpp: x [M, K] fp32 @ bf16 pair-panel weight [NB, K2, 64, 2] (+ bias) -> [M, N] fp32;
+// dot: vdpbf16ps where the CPU has AVX512_BF16 (x rounded to bf16), else fp32 FMAs.
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                       int64_t n_out, bool dot);
+bool bf16_dot_supported();       // this build and CPU run vdpbf16ps
+const char* linear_bf16_isa();   // "avx512_bf16", "avx512" or "avx2"
 // prefill_attention.cpp
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                              int64_t window);

@@ -1,6 +1,8 @@
 """CPU GEMM backends, applied to a built and loaded model (not as branches inside it).
 
-Two layouts of the same [out, in] weight, one per backend (``use_cpu_linears`` picks):
+Two layouts of the same [out, in] fp32 weight, one per backend (``use_cpu_linears`` picks), and
+one for bf16 weights (``use_bf16_cpu_linears``: ``PairPanelLinear``, bf16 pairs of k side by side
+in 64-column panels, see services/engine/kernels/bf16_linear.cpp):
 
 - **panel64** (``PanelLinear``, with the engine's kernels, services/engine/kernels): W stored as
   [ceil(out / 64), in, 64], 64 output columns of every input row side by side. A decode GEMV
@@ -88,6 +90,43 @@ class PanelLinear(nn.Module):
         return panel_linear(x, self.weight, self.out_features, self.bias, self.ops)
 
 
+class PairPanelLinear(PanelLinear):
+    """``PanelLinear`` with bf16 weights: ``weight`` is the bf16 pair-panel matrix
+    [ceil(out / 64), ceil(in / 2), 64, 2] (``to_pair_panels``), ``bias`` fp32; x and the output
+    are fp32. Every row count runs the kernels' ``linear_bf16`` (vdpbf16ps on AVX512_BF16 CPUs,
+    fp32 FMAs on widened weights elsewhere)."""
+
+    def __init__(self, linear: nn.Linear, ops):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(to_pair_panels(linear.weight), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pair_panel_linear(x, self.weight, self.out_features, self.bias, self.ops)
+
+
+def to_pair_panels(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] -> bf16 pair panels [ceil(N / 64), ceil(K / 2), 64, 2]: [b, i, j, t] =
+    bf16(weight[64 b + j, 2 i + t]), zero past N and K (the layout of bf16_linear.cpp)."""
+    n, k = weight.shape
+    nb, k2 = -(-n // PANEL), -(-k // 2)
+    padded = torch.zeros(nb * PANEL, 2 * k2, dtype=torch.bfloat16)
+    padded[:n, :k] = weight.detach()
+    out = huge_page_empty((nb, k2, PANEL, 2), torch.bfloat16)  # streamed every decode step: 2 MiB pages
+    return out.copy_(padded.view(nb, PANEL, k2, 2).transpose(1, 2))
+
+
+def pair_panel_linear(x: torch.Tensor, panels: torch.Tensor, n_out: int, bias: torch.Tensor | None,
+                      ops) -> torch.Tensor:
+    """x [..., K] (fp32; bf16 is widened), bf16 pair panels [NB, K2, 64, 2] -> [..., n_out] fp32."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    return ops.linear_bf16(flat, panels, bias, n_out).view(*x.shape[:-1], n_out)
+
+
 def to_panels(weight: torch.Tensor) -> torch.Tensor:
     """weight [N, K] -> panel64 [ceil(N / 64), K, 64]: [b, k, j] = weight[64 b + j, k], zero past N."""
     n, k = weight.shape
@@ -152,6 +191,19 @@ def use_cpu_linears(model: nn.Module, ops=None) -> nn.Module:
     return model
 
 
+def use_bf16_cpu_linears(model: nn.Module, ops) -> nn.Module:
+    """Replace every ``nn.Linear`` of a bf16 CPU model by ``PairPanelLinear`` (in place), and a
+    tied LM head by a ``TiedHead`` over pair panels of the table. The model's activations must
+    then be fp32 (cpu_backend.use_cpu_backend converts the rest of it)."""
+    with torch.no_grad():
+        _replace(model, lambda linear: PairPanelLinear(linear, ops))
+        if hasattr(model, "linear_fn") and getattr(model, "lm_head", None) is None:
+            vocab = model.config.vocab_size
+            model.linear_fn = TiedHead(model.embed_tokens.weight, to_pair_panels,
+                                       lambda h, p: pair_panel_linear(h, p, vocab, None, ops))
+    return model
+
+
 def _replace(module: nn.Module, make) -> None:
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
@@ -160,5 +212,6 @@ def _replace(module: nn.Module, make) -> None:
             _replace(child, make)
 
 
-__all__ = ["OneDNNLinear", "PanelLinear", "TiedHead", "onednn_available", "pack_weight", "packed_linear",
-           "panel_linear", "to_panels", "use_cpu_linears"]
+__all__ = ["OneDNNLinear", "PairPanelLinear", "PanelLinear", "TiedHead", "onednn_available", "pack_weight",
+           "packed_linear", "pair_panel_linear", "panel_linear", "to_pair_panels", "to_panels", "use_bf16_cpu_linears",
+           "use_cpu_linears"]
