@@ -15,6 +15,22 @@
 //   the result of F.linear(x, W.bfloat16().float()) to rounding.
 // Rows go in groups of up to 4 per panel pass (the group's x in L1, the panel from L2 after
 // the first group); the work is split over (panel, row block) items.
+//
+// Measured (AMD EPYC Zen 4 with AVX512_BF16, 2 cores, shared box, load average 7-10; one
+// process, candidates alternating, median ms over dense-100m's weights, the 33 matrices of a
+// step; /tmp/cpud/ab_bf16.py, 2026-12-02 21:04 UTC). fp32 = the panel64 path (linear_small for
+// <= 8 rows, torch matmul over panels above, MKL on W^T from 512 rows); torch bf16 = torch.mm
+// on plain bf16 weights (oneDNN with AVX512_BF16):
+//
+//   rows, threads      fp32     bf16 dot   bf16 convert   torch bf16
+//   1, 1              11.5        7.4          7.9            -
+//   8, 1              24.1       12.6         18.7            -
+//   32, 1             99.4       32.3         52.9          43.2
+//   1024, 2           2762       1793         3516          1540 (min 1532; dot min 1306)
+//
+// So the dot path wins at every row count up to a batch, and is level with oneDNN's bf16 GEMM
+// on a 1,024-row prompt chunk (noisy: the box was shared), which is why one kernel (and one
+// copy of the weights) serves every row count.
 
 #include <ATen/Parallel.h>
 

@@ -113,8 +113,13 @@ inline void panel_block16(const float* x, int64_t ldx, int64_t K, const float* P
     for (int n = 0; n < NV; ++n) _mm512_storeu_ps(out + m * kPanel + 16 * n, c[m][n]);
 }
 
-// 1..4 rows against a whole panel in one pass: MR x 4 zmm accumulators (<= 16 of the 32
-// registers), where the 256-bit plan needs 2-4 column passes for 2-4 rows.
+// 2..4 rows against a whole panel in one pass: MR x 4 zmm accumulators (<= 16 of the 32
+// registers), where the 256-bit plan needs 2-4 column passes. 1 row keeps the 256-bit plan (one
+// pass already; the zmm one was no faster). Measured against the avx2 build in one process,
+// alternating, 16 rounds over dense-100m's 300 MB of panels, 1 thread (AMD EPYC Zen 4, 2 cores,
+// shared box, load average 10-12), median ms avx2 -> avx512: 1 row 19.6 -> 21.7 (a second run
+// 11.1 -> 11.6), 2 rows 25.9 -> 21.1 (15.2 -> 12.6), 4 rows 34.9 -> 25.4 (22.9 -> 14.1),
+// 8 rows (two 4-row groups) 46.3 -> 30.9 (31.0 -> 21.3).
 template <int MR>
 inline void panel_rows16(const float* x, int64_t ldx, int64_t K, const float* P, float* out) {
   panel_block16<MR, 4>(x, ldx, K, P, out);
@@ -125,7 +130,7 @@ inline void panel_rows16(const float* x, int64_t ldx, int64_t K, const float* P,
 inline void panel_group(int64_t MR, const float* x, int64_t ldx, int64_t K, const float* P, float* out) {
 #if TANDEM_AVX512 && TANDEM_LINEAR_SMALL_512
   switch (MR) {
-    case 1: return panel_rows16<1>(x, ldx, K, P, out);
+    case 1: return panel_rows<1>(x, ldx, K, P, out);
     case 2: return panel_rows16<2>(x, ldx, K, P, out);
     case 3: return panel_rows16<3>(x, ldx, K, P, out);
     default: return panel_rows16<4>(x, ldx, K, P, out);
@@ -142,7 +147,9 @@ inline void panel_group(int64_t MR, const float* x, int64_t ldx, int64_t K, cons
 
 }  // namespace
 
-const char* linear_small_isa() { return TANDEM_AVX512 && TANDEM_LINEAR_SMALL_512 ? "avx512" : "avx2"; }
+const char* linear_small_isa() {
+  return TANDEM_AVX512 && TANDEM_LINEAR_SMALL_512 ? "avx512 (2-8 rows; 1 row avx2)" : "avx2";
+}
 
 // A read-bandwidth probe (bench/sysperf.py): the sum of x, each thread reading its contiguous
 // share as kStreams interleaved streams, the access pattern of linear_small. torch's sum reads
