@@ -29,6 +29,7 @@ from services import kv_transfer
 from services.config import WorkerConfig
 from services.engine.gc_tuning import freeze_startup_objects
 from services.engine.outputs import TokenChunk
+from services.engine.plugins import HostDeps
 from services.engine.scheduler import EngineOverloadedError
 from services.routing_report import routing_stats
 from services.prefix_store.tier import PrefixCacheTier
@@ -64,8 +65,9 @@ class EngineWorker:
         self.config = config
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1): torch would use one core only.
         torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
-        self.engine = ServingEngine.from_model(config.model, **config.engine.as_kwargs())
-        self.transfer = kv_transfer.create(config.kv_transfer) if config.role != "unified" else None
+        deps = HostDeps()  # Serve handles the engine's variants need (draft / expert deployments) go here
+        self.engine = ServingEngine.from_config(config.engine, deps)
+        self.transfer = kv_transfer.create(config.kv_transfer, deps) if config.role != "unified" else None
         # the prefix cache's tiers: this engine's blocks, then Redis (services/prefix_store/tier.py)
         self.prefix_store = PrefixCacheTier.for_engine(self.engine, config.prefix_store if config.role != "decode"
                                                        else None)

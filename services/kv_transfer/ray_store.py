@@ -23,6 +23,7 @@ import os
 
 import ray
 
+from services.engine.plugins import HostDeps, NoOptions
 from services.kv_transfer.base import KVPayload, KVTransfer, register
 from services.types import KVHandle, KVTransferError
 
@@ -41,7 +42,7 @@ def check_transport() -> None:
 
 @register("ray")
 class RayObjectStoreTransfer(KVTransfer):
-    def __init__(self):
+    def __init__(self, options: NoOptions | None = None, deps: HostDeps | None = None):
         self._held: dict[str, ray.ObjectRef] = {}
         check_transport()
 

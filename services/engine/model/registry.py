@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from services.engine.checkpoint import CheckpointError, CheckpointReader
 from services.engine.model.decoder import CausalLM
-from services.engine.model.experts import MoEBlock
+from services.engine.model.experts import ExpertFactory, LocalExperts, MoEBlock
 from services.engine.model_config import SUPPORTED_ARCHITECTURES, ModelConfig
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "build_model", "load_model", "load_weights"]
@@ -41,7 +41,7 @@ class _Source:
 
 
 def build_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                expert_backend: str = "local") -> CausalLM:
+                expert_backend: ExpertFactory = LocalExperts) -> CausalLM:
     """Allocate a ``CausalLM`` on ``device`` without initializing weights (``torch.empty``);
     only the rotary cos/sin table is computed. Use ``load_weights`` to fill it."""
     with torch.device("meta"):
@@ -53,7 +53,7 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: 
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               expert_backend: str = "local") -> CausalLM:
+               expert_backend: ExpertFactory = LocalExperts) -> CausalLM:
     """Parse ``path/config.json``, build the model and load its safetensors weights."""
     config = ModelConfig.from_pretrained(path)
     model = build_model(config, device, dtype, expert_backend)
