@@ -106,7 +106,8 @@ class Registry(Generic[T]):
         if not isinstance(value, Mapping):
             raise ConfigError(path, f"must be a variant name or a mapping, got {type(value).__name__}")
         data = dict(value)
-        if "options" in data or ("name" in data and self.name_key not in data):
+        long_form = "options" in data or ("name" in data and self.name_key not in data)
+        if long_form:
             name_field, options = "name", data.pop("options", {})
             if set(data) - {"name"}:
                 raise ConfigError(path, f"unknown key(s) {sorted(set(data) - {'name'})}; use name and options")
@@ -118,7 +119,7 @@ class Registry(Generic[T]):
         entry = self.entry(name, f"{path}.{name_field}")
         if dataclasses.is_dataclass(options) and not isinstance(options, type):
             options = dataclasses.asdict(options)
-        opts_path = f"{path}.options" if name_field == "name" else path
+        opts_path = f"{path}.options" if long_form else path
         return PluginSection(name, parse_dataclass(entry.options, options, opts_path))
 
     def create(self, section: PluginSection | str, deps: HostDeps | None = None) -> T:
