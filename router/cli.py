@@ -72,6 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"tandem serve: no model checkpoint in {model} (pass --model PATH)", file=sys.stderr)
         return 2
     config = launcher.load_config(config_file, model=model, port=args.port)
+    launcher.validate(config)  # a bad value fails here, naming its YAML path, before Redis or Ray start
     from services.prefix_store.server import redis_for_serve
 
     configured = (config["applications"][0].get("args", {}).get("prefix_store") or {}).get("url")

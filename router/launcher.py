@@ -56,6 +56,20 @@ def patch_config(config: dict, *, model: str | None = None, port: int | None = N
     return config
 
 
+BUILDER = "router.app:build_app"
+
+
+def validate(config: dict) -> None:
+    """Parse the args of every Tandem app in a Serve config as the builder will, before anything
+    starts: a bad value raises ValueError naming it by its YAML path
+    (``applications[0].args.engine.block_size: must be a power of two ...``)."""
+    from router.app import parse_args
+
+    for i, app in enumerate(config.get("applications") or []):
+        if app.get("import_path") == BUILDER:
+            parse_args(app.get("args"), f"applications[{i}].args")
+
+
 def app_address(config: dict) -> str:
     args = config["applications"][0].get("args", {})
     return f"{args.get('host', LOOPBACK)}:{args.get('port', 50051)}"
@@ -95,6 +109,7 @@ def deploy(config: dict, timeout_s: float = 300.0) -> str:
     from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
 
+    validate(config)
     schema = ServeDeploySchema.model_validate(config)
     client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
                                    grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
