@@ -17,7 +17,7 @@ from protos.tandem.v1 import generation_pb2 as pb
 from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
 from router.errors import ErrorKind, RequestError, classify
 from router.lifecycle import LiveRequest, RequestLifecycle, Usage
-from router.validation import GenerateInput, SamplingInput
+from router.validation import OPTIONAL_SAMPLING, GenerateInput, SamplingInput
 from services.types import StreamChunk
 
 _GRPC_STATUS = {
@@ -64,7 +64,6 @@ def _logprobs(token_ids: list[int], logprobs) -> list[pb.TokenLogprobs]:
 REPLICA_HINT_KEY = "x-tandem-replica"
 SERVED_BY_KEY = "x-tandem-replica"
 DECODE_SERVED_BY_KEY = "x-tandem-decode-replica"
-_SAMPLING_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos", "logprobs")
 
 
 def _metadata(metadata, name: str) -> str:
@@ -77,7 +76,7 @@ def _metadata(metadata, name: str) -> str:
 def generate_input(request: pb.GenerateRequest, deadline: float | None = None, metadata=()) -> GenerateInput:
     """The protocol-neutral form of a ``GenerateRequest`` and its call's metadata (nothing checked)."""
     s = request.sampling
-    sampling = SamplingInput(**{name: getattr(s, name) for name in _SAMPLING_OPTIONAL if s.HasField(name)},
+    sampling = SamplingInput(**{name: getattr(s, name) for name in OPTIONAL_SAMPLING if s.HasField(name)},
                              stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids))
     headers = dict(metadata)
     return GenerateInput(prompt=request.prompt, prompt_token_ids=list(request.prompt_token_ids), sampling=sampling,

@@ -7,6 +7,7 @@ are the gRPC API's (``sampling.top_p``), which an HTTP adapter maps its own name
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass, field
 
@@ -57,7 +58,8 @@ class Limits:
     max_prompt_bytes: int  # UTF-8 bytes of a text prompt at most
 
 
-_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos", "logprobs")
+# the SamplingInput fields that are None when unset (the rest are tuples, () when unset)
+OPTIONAL_SAMPLING = tuple(f.name for f in dataclasses.fields(SamplingInput) if f.default is None)
 
 
 class RequestValidator:
@@ -117,7 +119,7 @@ class RequestValidator:
         return ids
 
     def sampling(self, s: SamplingInput) -> SamplingParams:
-        values = {name: getattr(s, name) for name in _OPTIONAL if getattr(s, name) is not None}
+        values = {name: getattr(s, name) for name in OPTIONAL_SAMPLING if getattr(s, name) is not None}
         if s.stop:
             values["stop"] = tuple(s.stop)
         if s.stop_token_ids:
