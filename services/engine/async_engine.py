@@ -150,3 +150,11 @@ class AsyncEngine:
             self.engine.abort(rid)
             stream.put(RuntimeError(f"engine step failed: {exc}"))
         self._streams.clear()
+
+    # ---- routing report (any thread) -------------------------------------------------------
+    def routing_snapshot(self, max_keys: int):
+        """The engine's stats and the hashes of its newest ``max_keys`` cached full blocks
+        (``LLMEngine.cached_block_hashes``), read together under the step lock. Blocks the
+        caller for up to one step: call it off the event loop. Returns ``(EngineStats, list[bytes])``."""
+        with self._lock:
+            return self.engine.snapshot_stats(), self.engine.cached_block_hashes(max_keys)

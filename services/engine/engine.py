@@ -278,12 +278,23 @@ class LLMEngine:
         upto = max(req.sent_text_len, len(req.text) - hold)
         text = req.text[req.sent_text_len:upto]
         req.sent_text_len = upto
-        return TokenChunk(req.request_id, tokens, text, logprobs, req.finish_reason, req.stop_reason,
-                          req.num_prompt_tokens, max(req.num_cached_tokens, 0), len(req.output_token_ids),
-                          req.queue_time, req.num_imported_cached_tokens)
+        return TokenChunk(request_id=req.request_id, token_ids=tokens, text=text, logprobs=logprobs,
+                          finish_reason=req.finish_reason, stop_reason=req.stop_reason,
+                          num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(req.num_cached_tokens, 0),
+                          num_output_tokens=len(req.output_token_ids), queue_time_s=req.queue_time,
+                          num_imported_cached_tokens=req.num_imported_cached_tokens)
 
     def snapshot_stats(self) -> EngineStats:
         s = self.stats
         s.num_running, s.num_waiting = self.scheduler.num_running, self.scheduler.num_waiting
         s.kv_blocks_free = self.kv.num_free_blocks
         return EngineStats(**vars(s))
+
+    def cached_block_hashes(self, limit: int) -> list[bytes]:
+        """Hashes of the newest ``limit`` full blocks in the local prefix cache, oldest first
+        (the order they were cached in). Not thread-safe: call under the step lock."""
+        if limit <= 0:
+            return []
+        newest = list(itertools.islice(reversed(self.kv.pool.cached), limit))
+        newest.reverse()
+        return newest
