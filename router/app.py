@@ -47,9 +47,9 @@ class AppConfig:
 
 
 def default_model() -> str:
-    from router.cli import default_model_path
+    from services.engine.model_catalog import resolve_model
 
-    return str(default_model_path())
+    return resolve_model(None)
 
 
 def parse_args(args: dict | None) -> AppConfig:
