@@ -48,6 +48,19 @@ def test_discovery_reads_the_checkout_even_when_the_installed_metadata_lacks_it(
     assert cli._checkout_commands(None) == {}
 
 
+def test_discovery_reads_installed_metadata(tmp_path, monkeypatch, capsys):
+    """An installed distribution (here a fake one on sys.path) adds its commands beside the checkout's."""
+    info = tmp_path / "tandem_echo-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tandem-echo\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{cli.COMMANDS_GROUP}]\necho = tests.unit.test_cli:register_echo\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = {ep.name: ep.value for ep in cli.command_entry_points(ROOT)}
+    assert found["echo"] == "tests.unit.test_cli:register_echo" and found["bench"] == "bench.cli:register"
+    assert cli.main(["echo", "a", "b"]) == 2
+    assert capsys.readouterr().out == "echo a b\n"
+
+
 def test_discovery_ignores_a_pyproject_of_another_project(tmp_path):
     (tmp_path / "pyproject.toml").write_text('[project]\nname = "other"\n'
                                              '[project.entry-points."tandem.commands"]\nx = "x:register"\n')
@@ -77,7 +90,8 @@ def test_bench_help_lists_its_suites(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--help"], entry_points=[BENCH])
     out = capsys.readouterr().out
-    assert out.startswith("usage: tandem bench ") and all(s in out for s in ("offline", "serve", "prefix", "grpc-floor"))
+    assert out.startswith("usage: tandem bench ")
+    assert all(suite in out for suite in ("offline", "serve", "prefix", "grpc-floor"))
 
 
 def test_unknown_suite_is_an_error(capsys):

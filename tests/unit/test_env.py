@@ -69,7 +69,8 @@ def test_table_lists_each_variable_once_with_a_meaning():
 
 
 def test_importing_env_loads_nothing_heavy():
-    code = "import sys, services.engine.env; print(sorted(m for m in ('torch', 'ray', 'grpc', 'numpy') if m in sys.modules))"
+    code = ("import sys, services.engine.env; "
+            "print(sorted(m for m in ('torch', 'ray', 'grpc', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -106,8 +107,8 @@ def test_parsing():
     assert env.traces_sampler({"OTEL_TRACES_SAMPLER": "Always_On"}) == "always_on"
     assert env.traces_sampler_ratio({"OTEL_TRACES_SAMPLER_ARG": "0.25"}) == 0.25
     assert env.ray_auth_mode({"RAY_AUTH_MODE": "DISABLED"}) == "disabled"
-    assert env.serve_grpc_transport({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "True", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}) == [
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED"]
+    transport = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "True", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}
+    assert env.serve_grpc_transport(transport) == ["RAY_SERVE_THROUGHPUT_OPTIMIZED"]
 
 
 @pytest.mark.parametrize("name, value, read", [
@@ -155,4 +156,5 @@ def test_launcher_ray_defaults_are_the_listed_ones():
 
 
 def test_environ_without_drops_a_prefix():
-    assert env.environ_without("OTEL_", {"OTEL_A": "1", "PATH": "/bin", "XOTEL_": "2"}) == {"PATH": "/bin", "XOTEL_": "2"}
+    environ = {"OTEL_A": "1", "PATH": "/bin", "XOTEL_": "2"}
+    assert env.environ_without("OTEL_", environ) == {"PATH": "/bin", "XOTEL_": "2"}
