@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from pathlib import Path
 
 import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.engine import env
 
 LOOPBACK = "127.0.0.1"
 log = logging.getLogger("tandem.launcher")
@@ -75,7 +76,8 @@ def app_address(config: dict) -> str:
     return f"{args.get('host', LOOPBACK)}:{args.get('port', 50051)}"
 
 
-# Environment defaults for the Ray processes this head starts (an operator's own value wins).
+# Environment defaults for the Ray processes this head starts (an operator's own value wins;
+# listed with the same values in services/engine/env.py).
 # RAY_SERVE_CONTROL_LOOP_INTERVAL_S: Serve's controller refreshes its node/resource view from
 # the GCS on every loop (ClusterNodeInfoCache.update: ~80% of the control loop's py-spy samples);
 # at Serve's 0.1 s that cost 4.2-5.7 CPU-s per 50 s benchmark on the 2-core box (~5% of the
@@ -94,10 +96,9 @@ def start_local_ray(*, num_cpus: int = 16, dashboard: bool = False, **options):
     """
     import ray
 
-    for key, value in RAY_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
-        log.warning("RAY_AUTH_MODE=%s: token authentication is off", os.environ["RAY_AUTH_MODE"])
+    env.set_defaults(RAY_ENV_DEFAULTS)
+    if env.ray_auth_mode() != "token":
+        log.warning("RAY_AUTH_MODE=%s: token authentication is off", env.ray_auth_mode())
     return ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=dashboard,
                     num_cpus=num_cpus, namespace="serve", **options)
 

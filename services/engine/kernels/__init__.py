@@ -14,18 +14,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import sys
 from pathlib import Path
 
 import torch
+
+from services.engine import env
 
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "prefill_attention.cpp")]  # + simd.h
 # -ffp-contract=off: a * b + c stays two roundings, like torch's eager ops (intrinsics unaffected)
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"]
-ENV_SWITCH = "TANDEM_CPU_KERNELS"  # "0" turns the kernels off (the torch path runs)
+ENV_SWITCH = "TANDEM_CPU_KERNELS"  # "0" turns the kernels off (the torch path runs); read by services/engine/env.py
 
 
 def cpu_supports_kernels() -> bool:
@@ -44,7 +45,7 @@ def extension_name() -> str:
 @functools.cache
 def load_cpu_ops():
     """The compiled kernel module, or None (logged once) where it is unavailable."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+    if not env.cpu_kernels_enabled():
         return None
     if not cpu_supports_kernels():
         log.info("CPU kernels off: this CPU has no AVX2 (torch capability %s)",
