@@ -1,9 +1,10 @@
-"""The model's shape and flags, parsed once from a Hugging Face checkpoint folder.
+"""The model's shape and flags, parsed once from a Hugging Face checkpoint folder or a GGUF file.
 
 ``ModelConfig.from_pretrained(path)`` reads ``config.json`` (and ``generation_config.json``
 when present), ``ModelConfig.from_gguf(file)`` the metadata of a GGUF file (mapped to the same
-config.json fields by ``services.engine.gguf_checkpoint``), and both normalize the differences between the supported architectures into one
-flat, frozen record that drives the generic decoder in ``services.engine.model.decoder``.
+config.json fields by ``services.engine.gguf_checkpoint``); both normalize the differences
+between the supported architectures into one flat, frozen record that drives the generic
+decoder in ``services.engine.model.decoder``.
 Defaults for absent optional keys follow the corresponding ``transformers`` config class.
 """
 

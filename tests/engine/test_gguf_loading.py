@@ -22,6 +22,7 @@ from services.engine.model_catalog import check_model_path
 from services.engine.model_config import ModelConfig
 from services.engine.tokenizer import Tokenizer
 from tests.engine.gguf_convert import write_gguf
+from tests.engine.text_samples import sample_strings
 
 # hidden and MLP widths are multiples of 256 so that every row holds whole K-quant blocks
 WIDE = {"hidden_size": 256, "intermediate_size": 512}
@@ -175,3 +176,20 @@ def test_tokenizer_and_chat_template_from_metadata(sources, tmp_path):
     assert ours.stop_token_ids == (1, 3)  # <|eos|>, and <|im_end|> (a CONTROL end-of-turn token)
     assert ModelConfig.from_gguf(gguf_file).eos_token_ids == (1, 3)
     assert json.loads((ref / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "llama-bpe", "qwen2"])
+def test_pre_tokenizer_splits_match_transformers(sources, tmp_path, pre):
+    """llama.cpp's regex split per ``tokenizer.ggml.pre`` = transformers' GGUF table entry.
+
+    The tiny file names no unk token, so transformers adds GPT2Tokenizer's default
+    "<|endoftext|>" as a new id past the vocabulary; strings holding that text are left out."""
+    from transformers import AutoTokenizer
+
+    gguf_file, _ = _convert(sources, tmp_path, "F32", pre=pre)
+    ours, hf = Tokenizer(gguf_file), AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=gguf_file.name)
+    assert len(hf) == ours.vocab_size + 1 and hf.convert_tokens_to_ids("<|endoftext|>") == ours.vocab_size
+    strings = [s for s in sample_strings(400, seed=len(pre)) if "<|endoftext|>" not in s]
+    assert len(strings) > 300
+    for s in strings:
+        assert ours.encode(s) == hf(s, add_special_tokens=False).input_ids, repr(s)

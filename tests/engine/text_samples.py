@@ -22,11 +22,22 @@ SPECIAL = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_start|>user\nhi<
 
 
 def numbers(rng: random.Random) -> str:
-    kinds = [lambda: str(rng.randrange(10 ** rng.randrange(1, 12))), lambda: f"{rng.uniform(-1e4, 1e4):.{rng.randrange(6)}f}",
-             lambda: f"{rng.randrange(10 ** 9):,}", lambda: f"{rng.randrange(1900, 2100)}-{rng.randrange(1, 13):02d}-"
-             f"{rng.randrange(1, 29):02d}", lambda: hex(rng.randrange(1 << 32)), lambda: f"{rng.random():.3e}",
-             lambda: "٣٤٥", lambda: "½ ² ⅓ Ⅻ", lambda: f"v{rng.randrange(9)}.{rng.randrange(99)}.{rng.randrange(999)}"]
-    return rng.choice(kinds)()
+    kind = rng.randrange(9)
+    if kind == 0:
+        return str(rng.randrange(10 ** rng.randrange(1, 12)))
+    if kind == 1:
+        return f"{rng.uniform(-1e4, 1e4):.{rng.randrange(6)}f}"
+    if kind == 2:
+        return f"{rng.randrange(10 ** 9):,}"
+    if kind == 3:
+        return f"{rng.randrange(1900, 2100)}-{rng.randrange(1, 13):02d}-{rng.randrange(1, 29):02d}"
+    if kind == 4:
+        return hex(rng.randrange(1 << 32))
+    if kind == 5:
+        return f"{rng.random():.3e}"
+    if kind == 6:
+        return f"v{rng.randrange(9)}.{rng.randrange(99)}.{rng.randrange(999)}"
+    return "٣٤٥" if kind == 7 else "½ ² ⅓ Ⅻ"
 
 
 def sample_strings(n: int = 1200, seed: int = 15) -> list[str]:
