@@ -38,16 +38,33 @@ def test_writes_a_token_once_and_ray_finds_it(home):
     assert [p.name for p in path.parent.iterdir()] == ["auth_token"]  # no temporary file left
 
 
-def test_rays_first_start_does_not_rewrite_it(home, monkeypatch):
+@pytest.fixture
+def token_mode(monkeypatch):
+    """Ray's auth mode switched to token the way ray.init does it for a new local cluster (the
+    environment variable alone does not: Ray's config caches the mode), and back afterwards."""
+    from ray._private.authentication import authentication_token_setup as setup
+    from ray._raylet import AuthenticationMode, Config, get_authentication_mode
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    setup._enable_token_auth()
+    assert get_authentication_mode() == AuthenticationMode.TOKEN
+    yield setup
+    monkeypatch.undo()
+    Config.initialize("")
+
+
+def test_without_it_rays_first_start_writes_the_token_itself(home, token_mode):
+    token_mode.ensure_token_if_auth_enabled(None, create_token_if_missing=True)
+    assert len(ray_auth.default_token_path().read_text()) == 64  # the write ensure_auth_token forestalls
+
+
+def test_rays_first_start_does_not_rewrite_it(home, token_mode):
     """What ray.init does for a new local cluster before it starts the GCS; with the token in place
     it must not write (each of its writes truncates the file a starting GCS may be reading)."""
-    from ray._private.authentication import authentication_token_setup as setup
-
     ray_auth.ensure_auth_token()
     path = ray_auth.default_token_path()
     before = (path.read_text(), path.stat().st_ino, path.stat().st_mtime_ns)
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    setup.ensure_token_if_auth_enabled(None, create_token_if_missing=True)
+    token_mode.ensure_token_if_auth_enabled(None, create_token_if_missing=True)
     assert (path.read_text(), path.stat().st_ino, path.stat().st_mtime_ns) == before
 
 
