@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from router import ray_auth
 from services.engine import env
 
 LOOPBACK = "127.0.0.1"
@@ -91,7 +93,9 @@ def start_local_ray(*, num_cpus: int = 16, dashboard: bool = False, **options):
 
     Token authentication is on: Ray 2.60 enables it for a new local cluster unless
     ``RAY_AUTH_MODE`` says otherwise (it is read when ``ray`` is imported, so it can only be
-    changed from the environment of this process). ``RAY_ENV_DEFAULTS`` are put into this
+    changed from the environment of this process). The token is made before ``ray.init``
+    (``router.ray_auth``: Ray's own first write races with a second first start). A GCS that
+    fails to start raises with its own log line. ``RAY_ENV_DEFAULTS`` are put into this
     process's environment (unless set), which the head's processes inherit.
     """
     import ray
@@ -99,8 +103,31 @@ def start_local_ray(*, num_cpus: int = 16, dashboard: bool = False, **options):
     env.set_defaults(RAY_ENV_DEFAULTS)
     if env.ray_auth_mode() != "token":
         log.warning("RAY_AUTH_MODE=%s: token authentication is off", env.ray_auth_mode())
-    return ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=dashboard,
-                    num_cpus=num_cpus, namespace="serve", **options)
+    elif ray_auth.ensure_auth_token():  # before ray.init, which would write it non-atomically
+        log.info("wrote a new Ray authentication token to %s", ray_auth.default_token_path())
+    try:
+        return ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=dashboard,
+                        num_cpus=num_cpus, namespace="serve", **options)
+    except Exception as exc:
+        reason = gcs_exit_reason(str(exc))
+        if reason is None:
+            raise
+        raise RuntimeError(f"{exc}\n{reason}") from exc
+
+
+def gcs_exit_reason(message: str) -> str | None:
+    """What the GCS's log says when ``message`` is Ray's "Timed out waiting for file
+    <session>/gcs_server_port_..." (Ray reports only the timeout; a GCS that exited before
+    publishing its port says why in a fatal line of gcs_server.out); None for other errors."""
+    found = re.search(r"(\S+)/gcs_server_port_", message)
+    log_file = Path(found.group(1)) / "logs" / "gcs_server.out" if found else None
+    if log_file is None or not log_file.is_file():
+        return None
+    fatal = [line for line in log_file.read_text(errors="replace").splitlines() if re.match(r"\[[^]]* [CF] \d", line)]
+    if fatal:
+        return f"the GCS exited: {fatal[0][:600]}"
+    return (f"no fatal line in {log_file}: the GCS was still starting "
+            "(RAY_gcs_server_port_wait_time_s lengthens Ray's 30 s wait)")
 
 
 def deploy(config: dict, timeout_s: float = 300.0) -> str:
