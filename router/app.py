@@ -3,14 +3,17 @@
 ``args`` of the application (all optional):
 
     mode: unified | pd          # one worker deployment, or PrefillWorker + DecodeWorker
-    model: PATH                 # checkpoint folder; default: the embedded model
+    model: PATH                 # checkpoint folder or model name (services/engine/model_catalog.py);
+                                #   default: the default model
     model_id: NAME              # id clients pass as GenerateRequest.model; default: folder name
     host: 127.0.0.1             # gRPC bind address
     port: 50051                 # gRPC port
-    kv_transfer: ray            # KVTransfer backend (pd mode)
+    kv_transfer: ray            # KVTransfer backend (pd mode): a name or {name, options}
     torch_threads: N            # intra-op threads per worker; default: every core of its node;
                                 #   or per role: {prefill: N, decode: M} (pd mode; unset roles: default)
-    engine: {...}               # EngineOptions of every worker
+    engine: {...}               # EngineConfig options of every worker (services/engine/config.py):
+                                #   flat vLLM names (block_size, max_num_seqs, ...) or sections
+                                #   (cache, scheduler, experts, speculative, quantization)
     prefill_engine: {...}       # overrides for PrefillWorker (pd mode)
     decode_engine: {...}        # overrides for DecodeWorker (pd mode)
     router: {max_inflight_requests: N, max_prompt_bytes: N, prefix_routing: true}  # false: least load only
@@ -29,12 +32,18 @@ from pathlib import Path
 
 from router.replica_router import request_router_config
 from router.server import Router, RouterConfig
-from services.config import EngineOptions, WorkerConfig
+from services.config import WorkerConfig
+from services.engine.config import EngineConfig
+from services.engine.config_parse import ConfigError, join
+from services.engine.model_catalog import check_model_path, resolve_model
+from services.kv_transfer import KV_TRANSFERS
 from services.prefix_store.config import PrefixStoreConfig
 from services.workers import DecodeWorker, PrefillWorker, UnifiedWorker
 
 MODES = ("unified", "pd")
 _ROUTER_KEYS = ("max_inflight_requests", "max_prompt_bytes", "max_message_bytes", "grace_s", "prefix_routing")
+_KEYS = ("mode", "model", "model_id", "host", "port", "kv_transfer", "engine", "prefill_engine", "decode_engine",
+         "router", "torch_threads", "prefix_store")
 
 
 @dataclass(frozen=True)
@@ -46,60 +55,62 @@ class AppConfig:
     workers: dict[str, WorkerConfig]  # role -> config
 
 
-def default_model() -> str:
-    from router.cli import default_model_path
-
-    return str(default_model_path())
-
-
-def parse_args(args: dict | None) -> AppConfig:
+def parse_args(args: dict | None, path: str = "args") -> AppConfig:
+    """Validate a Serve app's ``args``; every error is a ValueError naming the field by ``path``
+    (``tandem serve`` passes ``applications[0].args``)."""
     args = dict(args or {})
-    known = {"mode", "model", "model_id", "host", "port", "kv_transfer", "engine", "prefill_engine",
-             "decode_engine", "router", "torch_threads", "prefix_store"}
-    unknown = sorted(set(args) - known)
+    unknown = sorted(set(args) - set(_KEYS))
     if unknown:
-        raise ValueError(f"args: unknown key(s) {unknown}; known: {sorted(known)}")
+        raise ConfigError(path, f"unknown key(s) {unknown}; known: {sorted(_KEYS)}")
     mode = args.get("mode", "unified")
     if mode not in MODES:
-        raise ValueError(f"args.mode: must be one of {MODES}, got {mode!r}")
-    model = str(args.get("model") or default_model())
-    if not (Path(model) / "config.json").is_file():
-        raise ValueError(f"args.model: no checkpoint (config.json) in {model!r}")
+        raise ConfigError(join(path, "mode"), f"must be one of {MODES}, got {mode!r}")
+    model = resolve_model(args.get("model"))
+    try:
+        check_model_path(model)
+    except ValueError as exc:
+        raise ConfigError(join(path, "model"), str(exc)) from None
     model_id = args.get("model_id") or Path(model).name
-    router_args = dict(args.get("router") or {})
-    bad = sorted(set(router_args) - set(_ROUTER_KEYS))
-    if bad:
-        raise ValueError(f"args.router: unknown key(s) {bad}; known: {list(_ROUTER_KEYS)}")
-    router = RouterConfig(model=model, host=args.get("host", "127.0.0.1"), port=int(args.get("port", 50051)),
-                          **router_args)
-    engine = EngineOptions.from_dict(args.get("engine"), "args.engine")
-    transfer = args.get("kv_transfer", "ray")
-    threads = _torch_threads(args.get("torch_threads"), mode)
-    store = PrefixStoreConfig.from_dict(args["prefix_store"], "args.prefix_store") if args.get("prefix_store") else None
+    router = _router_config(args, model, path)
+    engine = EngineConfig.from_options(model, args.get("engine"), join(path, "engine"))
+    threads = _torch_threads(args.get("torch_threads"), mode, path)
+    store = (PrefixStoreConfig.from_dict(args["prefix_store"], join(path, "prefix_store"))
+             if args.get("prefix_store") else None)
     if mode == "unified":
-        workers = {"unified": WorkerConfig("unified", model, model_id, engine, torch_threads=threads["unified"],
+        workers = {"unified": WorkerConfig("unified", model_id, engine, torch_threads=threads["unified"],
                                            prefix_store=store)}
-    else:
-        workers = {role: WorkerConfig(role, model, model_id,
-                                      engine.merged(args.get(f"{role}_engine"), f"args.{role}_engine"),
-                                      kv_transfer=transfer, torch_threads=threads[role],
-                                      prefix_store=store if role == "prefill" else None)
-                   for role in ("prefill", "decode")}
-        if workers["prefill"].engine.block_size != workers["decode"].engine.block_size:
-            raise ValueError("args: prefill_engine.block_size and decode_engine.block_size must be equal")
+        return AppConfig(mode, router, workers)
+    transfer = KV_TRANSFERS.parse(args.get("kv_transfer", "ray"), join(path, "kv_transfer"))
+    workers = {}
+    for role in ("prefill", "decode"):
+        key = f"{role}_engine"
+        workers[role] = WorkerConfig(role, model_id, engine.with_options(args.get(key), join(path, key)),
+                                     kv_transfer=transfer, torch_threads=threads[role],
+                                     prefix_store=store if role == "prefill" else None)
+    if workers["prefill"].engine.cache.block_size != workers["decode"].engine.cache.block_size:
+        raise ConfigError(path, "prefill_engine.block_size and decode_engine.block_size must be equal")
     return AppConfig(mode, router, workers)
 
 
-def _torch_threads(value, mode: str) -> dict[str, int | None]:
+def _router_config(args: dict, model: str, path: str) -> RouterConfig:
+    router_args = dict(args.get("router") or {})
+    bad = sorted(set(router_args) - set(_ROUTER_KEYS))
+    if bad:
+        raise ConfigError(join(path, "router"), f"unknown key(s) {bad}; known: {list(_ROUTER_KEYS)}")
+    return RouterConfig(model=model, host=args.get("host", "127.0.0.1"), port=int(args.get("port", 50051)),
+                        **router_args)
+
+
+def _torch_threads(value, mode: str, path: str) -> dict[str, int | None]:
     """``args.torch_threads`` (None, N, or {role: N}) -> threads per role of ``mode``."""
     roles = ("unified",) if mode == "unified" else ("prefill", "decode")
     per_role = dict(value) if isinstance(value, dict) else {r: value for r in roles}
     bad = sorted(set(per_role) - set(roles))
     if bad:
-        raise ValueError(f"args.torch_threads: unknown role(s) {bad} for mode {mode!r}; known: {list(roles)}")
+        raise ConfigError(join(path, "torch_threads"), f"unknown role(s) {bad} for mode {mode!r}; known: {list(roles)}")
     for role, n in per_role.items():
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(f"args.torch_threads: must be a positive integer, got {n!r} for {role}")
+            raise ConfigError(join(path, "torch_threads"), f"must be a positive integer, got {n!r} for {role}")
     return {r: per_role.get(r) for r in roles}
 
 

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Sequence
 from router.errors import unwrap
 from router.prefix_routing import BalanceConfig, ReplicaView, choose_replica, unpack_keys
 from router.replica_directory import ReplicaDirectory, ReplicaInfo
-from services.stream_channel import merge_chunks
+from services.engine.outputs import merge_chunks
 from services.types import Route, StreamChunk, WrongReplicaError
 
 log = logging.getLogger("tandem.router")
@@ -144,12 +144,11 @@ class WorkerDispatch:
             del self._keys[rid]
 
     def _view(self, info: ReplicaInfo) -> ReplicaView:
-        data = info.stats.get("block_keys", b"")
+        data = info.stats.block_keys
         cached = self._keys.get(info.replica_id)
         if cached is None or cached[0] is not data:
             cached = self._keys[info.replica_id] = (data, unpack_keys(data))
-        return ReplicaView(info.replica_id, self.inflight[info.replica_id], int(info.stats.get("load", 0)),
-                           cached[1])
+        return ReplicaView(info.replica_id, self.inflight[info.replica_id], info.stats.load, cached[1])
 
     async def choose(self, prompt_keys: Sequence[int] = (), hint: str = "") -> str:
         """The replica for a request: ``hint`` when it names a current replica, else the policy."""

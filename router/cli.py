@@ -1,17 +1,35 @@
-"""The `tandem` command line: one subcommand per job, each dispatching to its module."""
+"""The `tandem` command line: a dispatcher of subcommands.
+
+The serving commands (make-model, generate-local, serve, generate) are defined here. Other
+packages add their own through the entry point group ``tandem.commands`` (pyproject.toml
+``[project.entry-points."tandem.commands"]``): the entry point's name is the command, its
+object a ``register(commands)`` that adds the parser of that name to ``commands`` (the
+``add_subparsers`` action) and sets on it ``handler=fn`` (``fn(args) -> int``; with
+``forwards_extra=True``: ``fn(args, extra) -> int``, where ``extra`` are the arguments this
+parser did not know, e.g. for a sub-tool with its own parser). The benchmark suites come in
+this way, so router/ knows no module of them.
+
+Where the entry points come from: the installed package's metadata, and the pyproject.toml of
+the source checkout this file belongs to, when there is one; the checkout's declaration wins on
+a name both have. The metadata of an editable install is written at `pip install -e` time, so
+without the second source a command declared since (or a checkout run as `python -m router.cli`
+beside another checkout's install) would be missing; the checkout's pyproject describes the
+code that actually runs. A plugin that fails to load is reported on stderr and left out: it
+never takes the serving commands down with it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
+from importlib import metadata
 from pathlib import Path
 
+from services.engine.model_catalog import check_model_path, resolve_model
 
-def default_model_path() -> Path:
-    """The small Llama model trained by services/engine/default_model/train.py (committed)."""
-    import services.engine
-
-    return Path(services.engine.__file__).parent / "default_model" / "weights"
+COMMANDS_GROUP = "tandem.commands"
+CHECKOUT = Path(__file__).resolve().parents[1]  # the source tree when run from one (has pyproject.toml)
 
 
 def _make_model(args: argparse.Namespace) -> int:
@@ -38,8 +56,9 @@ def _generate_local(args: argparse.Namespace) -> int:
     from services.engine.engine import LLMEngine
     from services.engine.llm import build_engine_config
 
-    engine = LLMEngine(build_engine_config(args.model or str(default_model_path()), device=args.device,
-                                           dtype=args.dtype, kv_cache_memory_gb=0.25))
+    model = resolve_model(args.model)
+    check_model_path(model)
+    engine = LLMEngine(build_engine_config(model, device=args.device, dtype=args.dtype, kv_cache_memory_gb=0.25))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     engine.add_request(args.prompt, params)
@@ -67,11 +86,10 @@ def _serve(args: argparse.Namespace) -> int:
     if not config_file.is_file():
         print(f"tandem serve: config {config_file} not found", file=sys.stderr)
         return 2
-    model = args.model or str(default_model_path())
-    if not (Path(model) / "config.json").is_file():
-        print(f"tandem serve: no model checkpoint in {model} (pass --model PATH)", file=sys.stderr)
-        return 2
+    model = resolve_model(args.model)
+    check_model_path(model)  # ValueError: main prints it, exit status 2
     config = launcher.load_config(config_file, model=model, port=args.port)
+    launcher.validate(config)  # a bad value fails here, naming its YAML path, before Redis or Ray start
     from services.prefix_store.server import redis_for_serve
 
     configured = (config["applications"][0].get("args", {}).get("prefix_store") or {}).get("url")
@@ -134,28 +152,46 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace, rest: list[str]) -> int:
-    if args.suite == "offline":
-        from bench.offline import main as offline_main
-
-        return offline_main(rest)
-    if args.suite == "serve":
-        from bench.serve import main as serve_main
-
-        return serve_main(rest)
-    if args.suite == "prefix":
-        from bench.prefix import main as prefix_main
-
-        return prefix_main(rest)
-    if args.suite == "grpc-floor":
-        from bench.grpc_floor import main as floor_main
-
-        return floor_main(rest)
-    print(f"bench: unknown suite {args.suite!r}", file=sys.stderr)
-    return 2
+def command_entry_points(checkout: Path | None = CHECKOUT) -> list[metadata.EntryPoint]:
+    """The ``tandem.commands`` entry points: installed metadata, then (winning on a shared name)
+    the ones declared in ``checkout``'s pyproject.toml, if it is Tandem's source tree."""
+    found = {ep.name: ep for ep in metadata.entry_points(group=COMMANDS_GROUP)}
+    for name, value in _checkout_commands(checkout).items():
+        found[name] = metadata.EntryPoint(name, value, COMMANDS_GROUP)
+    return [found[name] for name in sorted(found)]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _checkout_commands(checkout: Path | None) -> dict[str, str]:
+    """name -> "module:function" from ``[project.entry-points."tandem.commands"]`` of the source
+    tree's pyproject.toml ({} for an installed wheel, which has none beside its packages)."""
+    pyproject = checkout / "pyproject.toml" if checkout else None
+    if pyproject is None or not pyproject.is_file():
+        return {}
+    project = tomllib.loads(pyproject.read_text()).get("project", {})
+    if project.get("name") != "tandem":
+        return {}
+    return dict(project.get("entry-points", {}).get(COMMANDS_GROUP, {}))
+
+
+def add_plugin_commands(commands: argparse._SubParsersAction, entry_points: list[metadata.EntryPoint]) -> None:
+    """Let each entry point register its command; one that fails (import error, name taken, no
+    parser of its name added) is reported on stderr and skipped."""
+    for ep in entry_points:
+        if ep.name in commands.choices:
+            print(f"tandem: command plugin {ep.name} ({ep.value}) skipped: the name is taken", file=sys.stderr)
+            continue
+        try:
+            ep.load()(commands)
+        except Exception as exc:  # a broken plugin must not take the serving commands down
+            commands.choices.pop(ep.name, None)
+            print(f"tandem: command plugin {ep.name} ({ep.value}) failed to load: {exc!r}", file=sys.stderr)
+            continue
+        if ep.name not in commands.choices:
+            print(f"tandem: command plugin {ep.name} ({ep.value}) added no command {ep.name!r}", file=sys.stderr)
+
+
+def build_parser(entry_points: list[metadata.EntryPoint] | None = None) -> argparse.ArgumentParser:
+    """The ``tandem`` parser: the serving commands, then the plugins' (default: discovered)."""
     p = argparse.ArgumentParser(prog="tandem", description="Tandem: distributed LLM inference serving")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -164,20 +200,22 @@ def build_parser() -> argparse.ArgumentParser:
     mm.add_argument("out_dir", nargs="?")
     mm.add_argument("--seed", type=int, default=0)
     mm.add_argument("--list", action="store_true", help="list the known shapes")
+    mm.set_defaults(handler=_make_model)
 
     gl = sub.add_parser("generate-local", help="generate in this process (no server)")
     gl.add_argument("prompt")
-    gl.add_argument("--model", help="checkpoint folder (default: the embedded model)")
+    gl.add_argument("--model", help="checkpoint folder or model name (default: the embedded model)")
     gl.add_argument("--max-tokens", type=int, default=64)
     gl.add_argument("--temperature", type=float, default=0.0)
     gl.add_argument("--top-p", type=float, default=1.0)
     gl.add_argument("--seed", type=int, default=None)
     gl.add_argument("--device", default=None)
     gl.add_argument("--dtype", default=None)
+    gl.set_defaults(handler=_generate_local)
 
     sv = sub.add_parser("serve", help="start a local Ray head and serve a deploy config over gRPC")
     sv.add_argument("--config", help="Serve config YAML (default: deploy/local.yaml)")
-    sv.add_argument("--model", help="checkpoint folder (default: the embedded model)")
+    sv.add_argument("--model", help="checkpoint folder or model name (default: the embedded model)")
     sv.add_argument("--port", type=int, default=None, help="gRPC port (default: the config's, 50051)")
     sv.add_argument("--num-cpus", type=int, default=16, help="logical CPUs of the local Ray head")
     sv.add_argument("--timeout", type=float, default=600, help="seconds to wait for the app to be ready")
@@ -185,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "password from $TANDEM_REDIS_PASSWORD (default: start a local redis-server)")
     sv.add_argument("--no-redis", action="store_true", help="prefix cache in each worker's memory only")
     sv.add_argument("--redis-maxmemory", default="512mb", help="maxmemory of the local redis-server (allkeys-lru)")
+    sv.set_defaults(handler=_serve)
 
     g = sub.add_parser("generate", help="stream a completion from a running server")
     g.add_argument("prompt")
@@ -194,24 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--timeout", type=float, default=None, help="gRPC deadline in seconds")
+    g.set_defaults(handler=_generate)
 
-    b = sub.add_parser("bench", help="benchmarks: offline (engine in-process), serve (gRPC load generator), "
-                       "prefix (Redis-prefix TTFT), grpc-floor (grpc.aio's own per-message delay)")
-    b.add_argument("suite", choices=["offline", "serve", "prefix", "grpc-floor"])
+    add_plugin_commands(sub, command_entry_points() if entry_points is None else entry_points)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        return _bench(args, rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    handler = {"make-model": _make_model, "generate-local": _generate_local, "serve": _serve,
-               "generate": _generate}[args.command]
+def main(argv: list[str] | None = None, entry_points: list[metadata.EntryPoint] | None = None) -> int:
+    parser = build_parser(entry_points)
+    args, extra = parser.parse_known_args(argv)
+    forwards_extra = getattr(args, "forwards_extra", False)
+    if extra and not forwards_extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return handler(args)
+        return args.handler(args, extra) if forwards_extra else args.handler(args)
     except ValueError as exc:
         print(f"tandem {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
+import re
 import time
 from pathlib import Path
 
 import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from router import ray_auth
+from services.engine import env
 
 LOOPBACK = "127.0.0.1"
 log = logging.getLogger("tandem.launcher")
@@ -56,12 +59,27 @@ def patch_config(config: dict, *, model: str | None = None, port: int | None = N
     return config
 
 
+BUILDER = "router.app:build_app"
+
+
+def validate(config: dict) -> None:
+    """Parse the args of every Tandem app in a Serve config as the builder will, before anything
+    starts: a bad value raises ValueError naming it by its YAML path
+    (``applications[0].args.engine.block_size: must be a power of two ...``)."""
+    from router.app import parse_args
+
+    for i, app in enumerate(config.get("applications") or []):
+        if app.get("import_path") == BUILDER:
+            parse_args(app.get("args"), f"applications[{i}].args")
+
+
 def app_address(config: dict) -> str:
     args = config["applications"][0].get("args", {})
     return f"{args.get('host', LOOPBACK)}:{args.get('port', 50051)}"
 
 
-# Environment defaults for the Ray processes this head starts (an operator's own value wins).
+# Environment defaults for the Ray processes this head starts (an operator's own value wins;
+# listed with the same values in services/engine/env.py).
 # RAY_SERVE_CONTROL_LOOP_INTERVAL_S: Serve's controller refreshes its node/resource view from
 # the GCS on every loop (ClusterNodeInfoCache.update: ~80% of the control loop's py-spy samples);
 # at Serve's 0.1 s that cost 4.2-5.7 CPU-s per 50 s benchmark on the 2-core box (~5% of the
@@ -75,17 +93,41 @@ def start_local_ray(*, num_cpus: int = 16, dashboard: bool = False, **options):
 
     Token authentication is on: Ray 2.60 enables it for a new local cluster unless
     ``RAY_AUTH_MODE`` says otherwise (it is read when ``ray`` is imported, so it can only be
-    changed from the environment of this process). ``RAY_ENV_DEFAULTS`` are put into this
+    changed from the environment of this process). The token is made before ``ray.init``
+    (``router.ray_auth``: Ray's own first write races with a second first start). A GCS that
+    fails to start raises with its own log line. ``RAY_ENV_DEFAULTS`` are put into this
     process's environment (unless set), which the head's processes inherit.
     """
     import ray
 
-    for key, value in RAY_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
-        log.warning("RAY_AUTH_MODE=%s: token authentication is off", os.environ["RAY_AUTH_MODE"])
-    return ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=dashboard,
-                    num_cpus=num_cpus, namespace="serve", **options)
+    env.set_defaults(RAY_ENV_DEFAULTS)
+    if env.ray_auth_mode() != "token":
+        log.warning("RAY_AUTH_MODE=%s: token authentication is off", env.ray_auth_mode())
+    elif ray_auth.ensure_auth_token():  # before ray.init, which would write it non-atomically
+        log.info("wrote a new Ray authentication token to %s", ray_auth.default_token_path())
+    try:
+        return ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=dashboard,
+                        num_cpus=num_cpus, namespace="serve", **options)
+    except Exception as exc:
+        reason = gcs_exit_reason(str(exc))
+        if reason is None:
+            raise
+        raise RuntimeError(f"{exc}\n{reason}") from exc
+
+
+def gcs_exit_reason(message: str) -> str | None:
+    """What the GCS's log says when ``message`` is Ray's "Timed out waiting for file
+    <session>/gcs_server_port_..." (Ray reports only the timeout; a GCS that exited before
+    publishing its port says why in a fatal line of gcs_server.out); None for other errors."""
+    found = re.search(r"(\S+)/gcs_server_port_", message)
+    log_file = Path(found.group(1)) / "logs" / "gcs_server.out" if found else None
+    if log_file is None or not log_file.is_file():
+        return None
+    fatal = [line for line in log_file.read_text(errors="replace").splitlines() if re.match(r"\[[^]]* [CF] \d", line)]
+    if fatal:
+        return f"the GCS exited: {fatal[0][:600]}"
+    return (f"no fatal line in {log_file}: the GCS was still starting "
+            "(RAY_gcs_server_port_wait_time_s lengthens Ray's 30 s wait)")
 
 
 def deploy(config: dict, timeout_s: float = 300.0) -> str:
@@ -95,6 +137,7 @@ def deploy(config: dict, timeout_s: float = 300.0) -> str:
     from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
 
+    validate(config)
     schema = ServeDeploySchema.model_validate(config)
     client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
                                    grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),

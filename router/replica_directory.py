@@ -8,8 +8,10 @@ class because Serve pickles that class's module by value: a registry there would
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from services.types import RoutingStats
 
 
 @dataclass(frozen=True)
@@ -17,7 +19,7 @@ class ReplicaInfo:
     """A replica of a worker deployment and its last routing stats (services/routing_report.py)."""
 
     replica_id: str  # Serve replica id (unique_id)
-    stats: dict[str, Any] = field(default_factory=dict)  # {"load", "kv_free", "block_keys"}; {} before the first report
+    stats: RoutingStats = RoutingStats()  # its last report (all zero before the first one)
 
 
 class ReplicaDirectory:
@@ -38,6 +40,8 @@ class ReplicaDirectory:
             router = cls._routers.get(name)
         if router is None:
             return []
-        return [ReplicaInfo(r.replica_id.unique_id, dict(r.routing_stats or {})) for r in router.replica_list()]
+        # Serve passes the report on as the dict the replica returned (RoutingStats.as_dict)
+        return [ReplicaInfo(r.replica_id.unique_id, RoutingStats.from_dict(r.routing_stats))
+                for r in router.replica_list()]
 
 

@@ -21,7 +21,8 @@ from protos.tandem.v1 import generation_pb2 as pb
 from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
 from router.pipeline import PrefillDecodePipeline, UnifiedPipeline
 from router.prefix_routing import BalanceConfig
-from router.servicer import AdminServicer, AdmissionLimits, GenerationServicer
+from router.lifecycle import AdmissionLimits, RequestLifecycle
+from router.servicer import AdminServicer, GenerationServicer
 from router.validation import Limits, RequestValidator
 from services.engine.gc_tuning import freeze_startup_objects
 from services.engine.tokenizer import Tokenizer
@@ -81,9 +82,10 @@ class Router:
         validator = RequestValidator(info, Tokenizer(config.model), Limits(config.max_prompt_bytes))
         # spans from OTEL_*, /metrics on TANDEM_METRICS_PORT (services/telemetry)
         self.telemetry = RouterTelemetry.for_replica(info.model_id, _replica_id())
-        self.generation = GenerationServicer(self.pipeline, validator,
-                                             AdmissionLimits(config.max_inflight_requests), self.telemetry)
-        admin = AdminServicer(self.pipeline, self.generation)
+        lifecycle = RequestLifecycle(self.pipeline, validator, AdmissionLimits(config.max_inflight_requests),
+                                     self.telemetry)  # shared by every protocol adapter
+        self.generation = GenerationServicer(lifecycle)
+        admin = AdminServicer(self.pipeline, lifecycle)
         self.server, self.health = await start_grpc_server(self.generation, admin, config)
         freeze_startup_objects()  # no full GC pass over start-up objects while serving (services/engine/gc_tuning.py)
 

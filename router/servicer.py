@@ -1,43 +1,50 @@
-"""The gRPC servicers: ``tandem.v1.Generation`` (the public API) and ``tandem.v1.Admin``."""
+"""The gRPC adapter: ``tandem.v1.Generation`` (the public API) and ``tandem.v1.Admin``.
+
+Protobuf in -> ``GenerateInput`` (``generate_input``) -> the request lifecycle (router/lifecycle.py)
+-> protobuf responses out; a ``RequestError``'s kind -> a gRPC status code (``grpc_status``, the
+one table). Trailing metadata names the trace (x-trace-id) and the replicas that served the request.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
-from dataclasses import dataclass
+from contextlib import aclosing
 
 import grpc
 
 from protos.tandem.v1 import admin_pb2, admin_pb2_grpc
 from protos.tandem.v1 import generation_pb2 as pb
 from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
-from router.errors import RequestError, invalid, status_for
-from router.pipeline import Control
-from router.validation import RequestValidator
-from services.telemetry import RouterTelemetry
-from services.telemetry.metrics import Identity
+from router.errors import ErrorKind, RequestError, classify
+from router.lifecycle import LiveRequest, RequestLifecycle, Usage
+from router.validation import OPTIONAL_SAMPLING, GenerateInput, SamplingInput
 from services.types import StreamChunk
 
-log = logging.getLogger("tandem.router")
+_GRPC_STATUS = {
+    ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
+    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+}
 
 
-@dataclass(frozen=True)
-class AdmissionLimits:
-    """Router-side admission control."""
-
-    max_inflight_requests: int  # requests served at once by one router replica; beyond: RESOURCE_EXHAUSTED
+def grpc_status(kind: ErrorKind) -> grpc.StatusCode:
+    """The gRPC status code of an error kind (the one kind -> status table)."""
+    return _GRPC_STATUS[kind]
 
 
-@dataclass
-class _Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_prompt_tokens: int = 0
+def status_for(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode, str]:
+    """The status code and one-line message of an exception raised while serving a request."""
+    err = classify(exc, request_id)
+    return _GRPC_STATUS[err.kind], err.message
 
-    def proto(self) -> pb.Usage:
-        return pb.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                        cached_prompt_tokens=self.cached_prompt_tokens)
+
+def _usage(usage: Usage) -> pb.Usage:
+    return pb.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                    cached_prompt_tokens=usage.cached_prompt_tokens)
 
 
 def _logprobs(token_ids: list[int], logprobs) -> list[pb.TokenLogprobs]:
@@ -59,122 +66,84 @@ SERVED_BY_KEY = "x-tandem-replica"
 DECODE_SERVED_BY_KEY = "x-tandem-decode-replica"
 
 
-def _metadata(context: grpc.aio.ServicerContext, name: str) -> str:
-    for key, value in context.invocation_metadata() or ():
+def _metadata(metadata, name: str) -> str:
+    for key, value in metadata:
         if key == name:
             return value
     return ""
 
 
-def _set_routed(context: grpc.aio.ServicerContext, ctl: Control, trace_md=()) -> None:
-    routed = [*trace_md, (SERVED_BY_KEY, ctl.routed.get("unified") or ctl.routed.get("prefill", ""))]
-    if "decode" in ctl.routed:
-        routed.append((DECODE_SERVED_BY_KEY, ctl.routed["decode"]))
-    context.set_trailing_metadata(tuple((k, v) for k, v in routed if v))
+def generate_input(request: pb.GenerateRequest, deadline: float | None = None, metadata=()) -> GenerateInput:
+    """The protocol-neutral form of a ``GenerateRequest`` and its call's metadata (nothing checked)."""
+    s = request.sampling
+    sampling = SamplingInput(**{name: getattr(s, name) for name in OPTIONAL_SAMPLING if s.HasField(name)},
+                             stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids))
+    headers = dict(metadata)
+    return GenerateInput(prompt=request.prompt, prompt_token_ids=list(request.prompt_token_ids), sampling=sampling,
+                         request_id=request.request_id, priority=request.priority, model=request.model,
+                         deadline=deadline, replica_hint=_metadata(metadata, REPLICA_HINT_KEY),
+                         traceparent=headers.get("traceparent", ""), tracestate=headers.get("tracestate", ""))
+
+
+def _set_routed(context: grpc.aio.ServicerContext, live: LiveRequest) -> None:
+    routed = live.routed
+    pairs = [*live.trace_metadata, (SERVED_BY_KEY, routed.get("unified") or routed.get("prefill", ""))]
+    if "decode" in routed:
+        pairs.append((DECODE_SERVED_BY_KEY, routed["decode"]))
+    context.set_trailing_metadata(tuple((k, v) for k, v in pairs if v))
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, pipeline, validator: RequestValidator, limits: AdmissionLimits,
-                 telemetry: RouterTelemetry | None = None):
-        self.pipeline = pipeline
-        self.validator = validator
-        self.limits = limits
-        self.telemetry = telemetry or RouterTelemetry(Identity(validator.info.model_id, "router", "local"))
-        self.inflight: dict[str, Control] = {}
+    def __init__(self, lifecycle: RequestLifecycle):
+        self.lifecycle = lifecycle
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        rid = request.request_id or "?"
-        ctl = None
-        obs = self.telemetry.start(context.invocation_metadata())  # tandem.generate span + request metrics
-        context.set_trailing_metadata(obs.trailing_metadata())  # x-trace-id
+        remaining = context.time_remaining()
+        deadline = time.time() + remaining if remaining is not None else None
+        live = self.lifecycle.start(generate_input(request, deadline, context.invocation_metadata() or ()))
+        context.set_trailing_metadata(live.trace_metadata)  # x-trace-id, also on errors
         try:
-            rid = self.validator.request_id(request)
-            remaining = context.time_remaining()
-            deadline = time.time() + remaining if remaining is not None else None
-            call = await self._build(request, rid, deadline, obs.traceparent)
-            if rid in self.inflight:
-                raise invalid(f"request_id: {rid!r} is already in use")
-            if len(self.inflight) >= self.limits.max_inflight_requests:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"router at its limit of {self.limits.max_inflight_requests} requests in flight")
-            ctl = self.inflight[rid] = Control(_metadata(context, REPLICA_HINT_KEY))
-            usage = _Usage(prompt_tokens=len(call.prompt_token_ids))
-            obs.dispatched(call)
-            try:
-                async for chunk in self.pipeline.run(call, ctl):
-                    obs.on_chunk(chunk)
+            async with aclosing(live.stream()) as chunks:
+                async for chunk in chunks:
                     if chunk.finish_reason is not None:
-                        _set_routed(context, ctl, obs.trailing_metadata())
-                    response = self._response(rid, chunk, usage)
-                    obs.handed_over(chunk)  # the router token delay ends here
-                    yield response
-            except (asyncio.CancelledError, Exception) as exc:
-                if not ctl.aborted or _being_cancelled():
-                    raise
-                log.info("request %s aborted (%s)", rid, type(exc).__name__)
-                _set_routed(context, ctl, obs.trailing_metadata())
-                obs.finished("abort", usage.cached_prompt_tokens)
-                yield pb.GenerateResponse(request_id=rid, finish_reason="abort", usage=usage.proto())
-        except asyncio.CancelledError:
-            obs.cancelled(context.time_remaining())
-            raise  # client cancel or deadline: grpc already knows the status
-        except Exception as exc:
-            code, message = status_for(exc, rid)
-            obs.failed(code.name, code.value[0], exc, message)
-            if ctl is not None:
-                _set_routed(context, ctl, obs.trailing_metadata())
+                        _set_routed(context, live)
+                    yield self._response(live.request_id, chunk, live.usage)
+        except Exception as exc:  # RequestError from the lifecycle; anything else is a bug here
+            code, message = status_for(exc, live.request_id)
+            _set_routed(context, live)
             await context.abort(code, message)
-        finally:
-            obs.end()
-            if ctl is not None:
-                ctl.cancel()
-                self.inflight.pop(rid, None)
-
-    async def _build(self, request, rid, deadline, traceparent):
-        if len(request.prompt) > 4096:  # tokenizing a long text: keep the event loop free
-            return await asyncio.to_thread(self.validator.build, request, rid, deadline, traceparent)
-        return self.validator.build(request, rid, deadline, traceparent)
 
     @staticmethod
-    def _response(rid: str, chunk: StreamChunk, usage: _Usage) -> pb.GenerateResponse:
-        usage.completion_tokens = chunk.num_output_tokens or usage.completion_tokens + len(chunk.token_ids)
-        usage.cached_prompt_tokens = chunk.num_cached_tokens
+    def _response(rid: str, chunk: StreamChunk, usage: Usage) -> pb.GenerateResponse:
         msg = pb.GenerateResponse(request_id=rid, token_ids=chunk.token_ids, text=chunk.text)
         if chunk.logprobs is not None:  # per token, hot path: build logprob messages only when asked
             msg.logprobs.extend(_logprobs(chunk.token_ids, chunk.logprobs))
         if chunk.finish_reason is not None:
             msg.finish_reason = chunk.finish_reason
-            msg.usage.CopyFrom(usage.proto())
+            msg.usage.CopyFrom(_usage(usage))
         return msg
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
-        ctl = self.inflight.get(request.request_id)
-        if ctl is None:
-            return pb.AbortResponse(found=False)
-        ctl.abort()
-        return pb.AbortResponse(found=True)
+        return pb.AbortResponse(found=self.lifecycle.abort(request.request_id))
 
     async def GetModelInfo(self, request, context) -> pb.ModelInfo:
-        info = self.validator.info
+        info = self.lifecycle.info
         return pb.ModelInfo(model_id=info.model_id, max_context_length=info.max_model_len,
                             vocab_size=info.vocab_size, eos_token_ids=list(info.eos_token_ids),
                             kv_block_size=info.block_size)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         try:
-            self.validator.check_model(request.model)
-            if not request.text:
-                raise invalid("text: must not be empty")
-            ids = await asyncio.to_thread(self.validator.tokenize, request.text, "text")
+            ids = await self.lifecycle.tokenize(request.text, request.model)
         except RequestError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(grpc_status(exc.kind), exc.message)
         return pb.TokenizeResponse(token_ids=ids)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
-    def __init__(self, pipeline, generation: GenerationServicer):
+    def __init__(self, pipeline, lifecycle: RequestLifecycle):
         self.pipeline = pipeline
-        self.generation = generation
+        self.lifecycle = lifecycle
 
     async def GetWorkerStats(self, request, context) -> admin_pb2.GetWorkerStatsResponse:
         stats = await self.pipeline.worker_stats()
@@ -185,10 +154,6 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             num_kv_held=s.num_kv_held, metrics_address=s.metrics_address)
             for s in stats]
         return admin_pb2.GetWorkerStatsResponse(workers=workers,
-                                                num_inflight_requests=len(self.generation.inflight),
-                                                router_metrics_address=self.generation.telemetry.metrics_address)
+                                                num_inflight_requests=self.lifecycle.num_inflight,
+                                                router_metrics_address=self.lifecycle.telemetry.metrics_address)
 
-
-def _being_cancelled() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0

@@ -1,20 +1,54 @@
-"""GenerateRequest -> a validated, tokenized ``GenerateCall`` (or a RequestError naming the field)."""
+"""A request as any protocol describes it (``GenerateInput``, plain Python) -> a validated,
+tokenized ``GenerateCall``, or a ``RequestError`` whose message starts with the field's name.
+
+Protocol adapters build the input (gRPC: router/servicer.py ``generate_input``); field names
+are the gRPC API's (``sampling.top_p``), which an HTTP adapter maps its own names onto.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import grpc
-
-from protos.tandem.v1 import generation_pb2 as pb
-from router.errors import RequestError, invalid
+from router.errors import ErrorKind, RequestError, invalid
 from services.engine.sampling_params import SamplingParams
 from services.engine.tokenizer import Tokenizer
 from services.types import GenerateCall, ModelInfo
 
-_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos", "logprobs")
 MAX_REQUEST_ID = 256
+
+
+@dataclass(frozen=True)
+class SamplingInput:
+    """Sampling values as the client sent them; None = not set (the engine's default applies)."""
+
+    max_tokens: int | None = None  # output tokens at most
+    temperature: float | None = None  # 0 = greedy
+    top_p: float | None = None  # nucleus mass in (0, 1]
+    top_k: int | None = None  # keep the k most likely tokens (0 / -1 = all)
+    min_p: float | None = None  # drop tokens below min_p * the top probability
+    seed: int | None = None  # per-request RNG seed (reproducible sampling)
+    ignore_eos: bool | None = None  # go on after an EOS token
+    logprobs: int | None = None  # top-n logprobs per output token
+    stop: tuple[str, ...] = ()  # stop strings (not part of the output)
+    stop_token_ids: tuple[int, ...] = ()  # token ids that end the output
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    """One generation request as a protocol adapter hands it over; nothing checked yet."""
+
+    prompt: str = ""  # prompt text; set exactly one of prompt and prompt_token_ids
+    prompt_token_ids: list[int] = field(default_factory=list)  # the prompt as token ids
+    sampling: SamplingInput = SamplingInput()  # sampling values
+    request_id: str = ""  # "" = the router generates one; at most MAX_REQUEST_ID characters
+    priority: int = 0  # lower is served first
+    model: str = ""  # "" = the served model; anything else must be its id
+    deadline: float | None = None  # unix time after which the request is abandoned; None = none
+    replica_hint: str = ""  # force the unified / prefill replica (a replica id); "" = the routing policy
+    traceparent: str = ""  # the client's W3C trace context ("" = start a trace)
+    tracestate: str = ""  # the client's W3C tracestate
 
 
 @dataclass(frozen=True)
@@ -22,6 +56,10 @@ class Limits:
     """Input limits checked before tokenizing."""
 
     max_prompt_bytes: int  # UTF-8 bytes of a text prompt at most
+
+
+# the SamplingInput fields that are None when unset (the rest are tuples, () when unset)
+OPTIONAL_SAMPLING = tuple(f.name for f in dataclasses.fields(SamplingInput) if f.default is None)
 
 
 class RequestValidator:
@@ -32,19 +70,20 @@ class RequestValidator:
 
     def check_model(self, model: str) -> None:
         if model and model != self.info.model_id:
-            raise RequestError(grpc.StatusCode.NOT_FOUND,
+            raise RequestError(ErrorKind.NOT_FOUND,
                                f"model: {model!r} is not served here; served: {self.info.model_id!r}")
 
-    def request_id(self, request: pb.GenerateRequest) -> str:
-        rid = request.request_id or uuid.uuid4().hex
+    def request_id(self, request_id: str) -> str:
+        """The client's id, or a new one when it sent none."""
+        rid = request_id or uuid.uuid4().hex
         if len(rid) > MAX_REQUEST_ID:
             raise invalid(f"request_id: longer than {MAX_REQUEST_ID} characters")
         return rid
 
-    def build(self, request: pb.GenerateRequest, request_id: str, deadline: float | None,
+    def build(self, request: GenerateInput, request_id: str, deadline: float | None,
               traceparent: str = "") -> GenerateCall:
         self.check_model(request.model)
-        params = self.sampling(request.sampling if request.HasField("sampling") else pb.SamplingParams())
+        params = self.sampling(request.sampling)
         ids = self.prompt_ids(request)
         if len(ids) + params.max_tokens > self.info.max_model_len:
             raise invalid(f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
@@ -52,7 +91,7 @@ class RequestValidator:
         return GenerateCall(request_id, ids, params, priority=request.priority, deadline=deadline,
                             traceparent=traceparent)
 
-    def prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+    def prompt_ids(self, request: GenerateInput) -> list[int]:
         has_text, has_ids = bool(request.prompt), len(request.prompt_token_ids) > 0
         if has_text == has_ids:
             raise invalid("prompt: set exactly one of prompt and prompt_token_ids "
@@ -62,7 +101,7 @@ class RequestValidator:
             if len(ids) >= self.info.max_model_len:
                 raise invalid(f"prompt_token_ids: {len(ids)} tokens do not fit the context length "
                               f"of {self.info.max_model_len}")
-            bad = next((t for t in ids if t >= self.info.vocab_size), None)
+            bad = next((t for t in ids if not 0 <= t < self.info.vocab_size), None)
             if bad is not None:
                 raise invalid(f"prompt_token_ids: token id {bad} is outside the vocabulary [0, {self.info.vocab_size})")
             return ids
@@ -79,12 +118,12 @@ class RequestValidator:
             raise invalid(f"{field}: {len(ids)} tokens do not fit the context length of {self.info.max_model_len}")
         return ids
 
-    def sampling(self, s: pb.SamplingParams) -> SamplingParams:
-        values = {name: getattr(s, name) for name in _OPTIONAL if s.HasField(name)}
+    def sampling(self, s: SamplingInput) -> SamplingParams:
+        values = {name: getattr(s, name) for name in OPTIONAL_SAMPLING if getattr(s, name) is not None}
         if s.stop:
             values["stop"] = tuple(s.stop)
         if s.stop_token_ids:
-            bad = next((t for t in s.stop_token_ids if t >= self.info.vocab_size), None)
+            bad = next((t for t in s.stop_token_ids if not 0 <= t < self.info.vocab_size), None)
             if bad is not None:
                 raise invalid(f"sampling.stop_token_ids: token id {bad} is outside the vocabulary")
             values["stop_token_ids"] = tuple(s.stop_token_ids)

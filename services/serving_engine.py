@@ -2,15 +2,15 @@
 
 - ``prefill``: run the prompt with ``max_tokens=1``; when the engine finishes the request,
   the KV of its prompt blocks is copied out in the engine thread, before the blocks are
-  freed (a hook on ``Scheduler.finish``), together with the seeded RNG state.
+  freed (the engine's finish hook), together with the seeded RNG state.
 - ``adopt``: allocate blocks in this engine's pool, copy the payload into them, and put the
   request straight into the running batch with the prompt computed and the first token as
   its first output, so the next step decodes it. Nothing is recomputed.
 
 Terms: P = prompt length; the first token's own KV is computed by the decode side's first
-step (it is the input of that step). The engine is not modified: the hook and the adoption
-use its public-ish objects (``engine.scheduler``, ``engine.kv``, ``engine.runner.kv_caches``,
-``Request``) under ``AsyncEngine``'s step lock.
+step (it is the input of that step). Only public engine methods are used
+(``LLMEngine.add_finish_hook``, ``read_kv_blocks``, ``check_adoptable``, ``adopt_request``),
+under ``AsyncEngine``'s step lock.
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from services.engine.async_engine import AsyncEngine, _Stream
-from services.engine.model.attention import write_blocks
 from services.engine.outputs import TokenChunk
-from services.engine.request import Request, RequestStatus
+from services.engine.request import Request
 from services.engine.sampling_params import SamplingParams
 from services.engine.step_lock import off_loop
 from services.engine.scheduler import EngineOverloadedError
@@ -66,8 +65,7 @@ class ServingEngine(AsyncEngine):
         super().__init__(engine)
         self._captures: dict[str, _Capture] = {}
         self._capture_lock = threading.Lock()
-        self._finish = engine.scheduler.finish
-        engine.scheduler.finish = self._finish_and_capture  # runs in the engine thread, under _lock
+        engine.add_finish_hook(self._capture)  # runs in the engine thread, under _lock
 
     def is_alive(self) -> bool:
         """True while the engine thread runs."""
@@ -113,16 +111,17 @@ class ServingEngine(AsyncEngine):
         req.sent_text_len = sendable_text_len(req.text, req.params)
         return req.text[:req.sent_text_len]
 
-    def _finish_and_capture(self, req: Request, reason: str) -> None:
+    def _capture(self, req: Request, reason: str) -> None:
+        """Finish hook: copy out what a capture asked for while the request's blocks are held."""
         cap = self._captures.get(req.request_id) if reason != "abort" else None
-        if cap is not None and not req.is_finished:
-            table = self.engine.kv.block_tables.get(req.request_id, [])
-            if cap.want_kv and req.num_computed_tokens == cap.num_prompt_tokens:
-                cap.kv = self.engine.read_kv_blocks(table[:self.engine.kv.blocks_needed(cap.num_prompt_tokens)])
-                if req.generator is not None:
-                    cap.generator_state = req.generator.get_state().numpy().tobytes()
-            self._capture_new_blocks(req, cap, table)
-        self._finish(req, reason)
+        if cap is None:
+            return
+        table = self.engine.request_block_ids(req.request_id)
+        if cap.want_kv and req.num_computed_tokens == cap.num_prompt_tokens:
+            cap.kv = self.engine.read_kv_blocks(table[:self.engine.kv.blocks_needed(cap.num_prompt_tokens)])
+            if req.generator is not None:
+                cap.generator_state = req.generator.get_state().numpy().tobytes()
+        self._capture_new_blocks(req, cap, table)
 
     def _capture_new_blocks(self, req: Request, cap: _Capture, table: list[int]) -> None:
         """Full prompt blocks ``[export_from, P // bs)`` (all computed by now), for write-back."""
@@ -149,7 +148,7 @@ class ServingEngine(AsyncEngine):
     def release_prefix(self, request_id: str) -> None:
         """Drop the pins of a request that was not (or is no longer) queued."""
         with self._lock:
-            if request_id not in self.engine.scheduler.requests:
+            if not self.engine.has_request(request_id):
                 self.engine.release_prefix_pins(request_id)
 
     def expect_export(self, request_id: str, num_prompt_tokens: int, from_block: int) -> None:
@@ -193,17 +192,7 @@ class ServingEngine(AsyncEngine):
     def _adoptable_request(self, request_id, prompt_ids, params, first_token, kv, first_logprobs, priority,
                            num_cached_tokens, generator_state) -> Request:
         eng = self.engine
-        num_prompt = len(prompt_ids)
-        if kv.num_tokens != num_prompt or kv.block_size != eng.kv.block_size:
-            raise ValueError(f"kv: covers {kv.num_tokens} tokens in blocks of {kv.block_size}; expected "
-                             f"{num_prompt} tokens in blocks of {eng.kv.block_size}")
-        if kv.kv.shape[2] != eng.kv.blocks_needed(num_prompt) or len(kv.kv) != len(eng.runner.kv_caches):
-            raise ValueError(f"kv: shape {tuple(kv.kv.shape)} does not fit this engine")
-        if num_prompt + params.max_tokens > eng.max_model_len:
-            raise ValueError(f"max_tokens: prompt ({num_prompt}) + max_tokens ({params.max_tokens}) exceeds "
-                             f"the context length of {eng.max_model_len}")
-        if eng.kv.blocks_needed(num_prompt + params.max_tokens) > eng.kv.pool.num_blocks:
-            raise ValueError("max_tokens: prompt + max_tokens needs more KV blocks than the decode cache holds")
+        eng.check_adoptable(len(prompt_ids), params, tuple(kv.kv.shape), kv.block_size, kv.num_tokens)
         req = Request(request_id, list(prompt_ids), params, priority=priority)
         req.output_token_ids = [first_token]
         req.num_cached_tokens = num_cached_tokens
@@ -217,23 +206,10 @@ class ServingEngine(AsyncEngine):
         return req
 
     def _try_adopt(self, req: Request, kv: torch.Tensor, stream: _Stream) -> bool:
-        eng = self.engine
-        rid, num_prompt = req.request_id, req.num_prompt_tokens
         with self._lock:
-            if rid in eng.scheduler.requests:
-                raise ValueError(f"request_id: {rid!r} is already in use")
-            if not eng.kv.allocate(req, num_prompt):
-                return False
-            idx = torch.tensor(eng.kv.block_tables[rid], dtype=torch.long, device=eng.device)
-            src = kv.to(eng.device)
-            for layer, cache in enumerate(eng.runner.kv_caches):
-                write_blocks(cache, idx, src[layer])
-            req.num_computed_tokens = num_prompt
             req.scheduled_time = time.monotonic()  # queue time of an adoption: waiting for blocks
-            eng.kv.cache_full_blocks(req, num_prompt)
-            self._first_text(req, req.output_token_ids[0])
-            req.status = RequestStatus.RUNNING
-            eng.scheduler.requests[rid] = req
-            eng.scheduler.running.append(req)
-            self._streams[rid] = stream
+            if not self.engine.adopt_request(req, kv):
+                return False
+            self._first_text(req, req.output_token_ids[0])  # before the next step (we hold the lock)
+            self._streams[req.request_id] = stream
         return True

@@ -19,28 +19,13 @@ request, so a slow reader gets fewer, larger chunks and never an unbounded queue
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
-from services.engine.outputs import earliest
+from services.engine.outputs import merge_chunks  # the one merge rule (also the router's inbox)
 from services.types import ChunkBatch, Route, StreamChunk, WrongReplicaError
 
 log = logging.getLogger("tandem.worker")
-
-
-def merge_chunks(a: StreamChunk, b: StreamChunk) -> StreamChunk:
-    """One chunk carrying ``a``'s output followed by ``b``'s (``b`` is the later one)."""
-    lp = None
-    if a.logprobs is not None or b.logprobs is not None:
-        lp = (a.logprobs or []) + (b.logprobs or [])
-    # Everything else (counts, finish, tier split) is the later chunk's; queue time is set once;
-    # the emission and router-arrival stamps are the oldest token's (the delay of a merged chunk
-    # is its oldest token's).
-    return dataclasses.replace(b, token_ids=a.token_ids + b.token_ids, text=a.text + b.text, logprobs=lp,
-                               queue_time_s=a.queue_time_s if a.queue_time_s is not None else b.queue_time_s,
-                               emitted_at=earliest(a.emitted_at, b.emitted_at),
-                               arrived_at=earliest(a.arrived_at, b.arrived_at))
 
 
 class Outbox:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.engine.outputs import TokenChunk
 from services.engine.sampling_params import SamplingParams
 
 
@@ -63,7 +64,8 @@ class StreamChunk:
     """New output of one request since its previous chunk (worker -> router, streamed).
 
     Several engine steps' tokens are merged into one chunk when the router reads slower than
-    the engine produces, so there is no handle message per token.
+    the engine produces, so there is no handle message per token (``merge_chunks``, the same
+    rule as the engine's ``TokenChunk``; ``from_engine`` converts one).
     """
 
     token_ids: list[int] = field(default_factory=list)  # new tokens
@@ -78,6 +80,17 @@ class StreamChunk:
     queue_time_s: float | None = None  # engine arrival -> first scheduled, on a worker's own chunks (telemetry)
     emitted_at: float | None = None  # time.time() the engine produced the oldest token here (router token delay)
     arrived_at: float | None = None  # time.time() the oldest token here reached the router (set there: router dwell)
+
+    @classmethod
+    def from_engine(cls, chunk: TokenChunk, traceparent: str = "") -> "StreamChunk":
+        """The wire form of an engine chunk, field by field. Not sent: ``request_id`` (the
+        channel keys chunks by it) and ``stop_reason`` (the client sees ``finish_reason``).
+        Two chunks of either type merge with ``services.engine.outputs.merge_chunks``."""
+        return cls(token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs,
+                   finish_reason=chunk.finish_reason, num_prompt_tokens=chunk.num_prompt_tokens,
+                   num_cached_tokens=chunk.num_cached_tokens, num_output_tokens=chunk.num_output_tokens,
+                   traceparent=traceparent, num_redis_cached_tokens=chunk.num_imported_cached_tokens,
+                   queue_time_s=chunk.queue_time_s, emitted_at=chunk.emitted_at)
 
 
 @dataclass
@@ -163,3 +176,29 @@ class ChunkBatch:
 
     chunks: list[tuple[str, StreamChunk]]  # (request_id, chunk), at most one chunk per request
     traceparent: str = ""  # W3C trace context (unused: batches mix requests)
+
+
+# ---- routing stats (worker -> every handle's request router; services/routing_report.py) ----
+@dataclass(frozen=True)
+class RoutingStats:
+    """What a worker replica reports to the routers each stats interval (Serve's
+    ``record_routing_stats``; read by router/channels.py when it chooses a replica).
+
+    Crosses Serve as a plain dict (``as_dict`` on the worker, ``from_dict`` on the router):
+    Serve 2.60 types the value ``Dict[str, Any]`` and its controller unpickles it in its own
+    process, which must not need our code to do so. No traceparent: no request's.
+    """
+
+    load: int = 0  # requests running + waiting in the engine
+    kv_free: int = 0  # free KV blocks (cached-but-free ones count as free)
+    block_keys: bytes = b""  # keys of the newest cached full blocks, uint64 LE (router/prefix_routing.py); b"": decode
+
+    def as_dict(self) -> dict:
+        return {"load": self.load, "kv_free": self.kv_free, "block_keys": self.block_keys}
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "RoutingStats":
+        """The stats Serve passed on ({} before the replica's first report: all zero)."""
+        data = data or {}
+        return cls(load=int(data.get("load", 0)), kv_free=int(data.get("kv_free", 0)),
+                   block_keys=data.get("block_keys", b""))

@@ -28,7 +28,7 @@ from ray import serve
 from services import kv_transfer
 from services.config import WorkerConfig
 from services.engine.gc_tuning import freeze_startup_objects
-from services.engine.outputs import TokenChunk
+from services.engine.plugins import HostDeps
 from services.engine.scheduler import EngineOverloadedError
 from services.routing_report import routing_stats
 from services.prefix_store.tier import PrefixCacheTier
@@ -39,12 +39,6 @@ from services.types import (ChunkBatch, DecodeCall, GenerateCall, KVTransferErro
                             PrefillResult, Route, StreamChunk, WorkerStats)
 
 log = logging.getLogger("tandem.worker")
-
-
-def to_stream_chunk(c: TokenChunk, traceparent: str = "") -> StreamChunk:
-    return StreamChunk(c.token_ids, c.text, c.logprobs, c.finish_reason, c.num_prompt_tokens,
-                       c.num_cached_tokens, c.num_output_tokens, traceparent, queue_time_s=c.queue_time_s,
-                       num_redis_cached_tokens=c.num_imported_cached_tokens, emitted_at=c.emitted_at)
 
 
 @asynccontextmanager
@@ -64,8 +58,9 @@ class EngineWorker:
         self.config = config
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1): torch would use one core only.
         torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
-        self.engine = ServingEngine.from_model(config.model, **config.engine.as_kwargs())
-        self.transfer = kv_transfer.create(config.kv_transfer) if config.role != "unified" else None
+        deps = HostDeps()  # Serve handles the engine's variants need (draft / expert deployments) go here
+        self.engine = ServingEngine.from_config(config.engine, deps)
+        self.transfer = kv_transfer.create(config.kv_transfer, deps) if config.role != "unified" else None
         # the prefix cache's tiers: this engine's blocks, then Redis (services/prefix_store/tier.py)
         self.prefix_store = PrefixCacheTier.for_engine(self.engine, config.prefix_store if config.role != "decode"
                                                        else None)
@@ -94,7 +89,7 @@ class EngineWorker:
                 stream = await self.engine.add_request_async(call.prompt_token_ids, call.params,
                                                              request_id=call.request_id, priority=call.priority)
                 async for chunk in stream:
-                    yield to_stream_chunk(chunk)
+                    yield StreamChunk.from_engine(chunk)
         finally:
             self._open -= 1
 
@@ -122,7 +117,7 @@ class EngineWorker:
             handle = self.transfer.send(out.kv, call.traceparent)
             self._sent += 1
         try:
-            yield PrefillResult(call.request_id, to_stream_chunk(out.chunk), handle, out.generator_state)
+            yield PrefillResult(call.request_id, StreamChunk.from_engine(out.chunk), handle, out.generator_state)
             if handle is not None:
                 await asyncio.sleep(self.config.kv_hold_s)
                 log.warning("request %s: KV not adopted within %.0fs; released", call.request_id,
@@ -149,7 +144,7 @@ class EngineWorker:
                 del payload  # the blocks are copied: drop our view of the transferred object
                 self._adopted += 1
                 async for chunk in stream:
-                    yield to_stream_chunk(chunk)
+                    yield StreamChunk.from_engine(chunk)
         finally:
             self._open -= 1
 
@@ -171,8 +166,10 @@ class EngineWorker:
 
     async def record_routing_stats(self) -> dict:
         """Serve calls this per ``request_routing_stats_period_s`` (services/routing_report.py);
-        the step lock is waited for in a thread, not on the event loop that forwards tokens."""
-        return await asyncio.to_thread(routing_stats, self.engine, self.config.role != "decode")
+        the step lock is waited for in a thread, not on the event loop that forwards tokens.
+        A plain dict crosses Serve (``RoutingStats.as_dict``; the router reads ``from_dict``)."""
+        stats = await asyncio.to_thread(routing_stats, self.engine, self.config.role != "decode")
+        return stats.as_dict()
 
     # ---- admin ---------------------------------------------------------------------------
     def abort(self, request_id: str) -> bool:

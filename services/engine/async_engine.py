@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from services.engine.engine import LLMEngine
 from services.engine.gc_tuning import freeze_startup_objects
 from services.engine.llm import build_engine_config
+from services.engine.plugins import HostDeps
 from services.engine.outputs import TokenChunk
 from services.engine.sampling_params import SamplingParams
 from services.engine.step_lock import StepLock, off_loop
@@ -52,7 +53,13 @@ class AsyncEngine:
 
     @classmethod
     def from_model(cls, model: str, **options) -> "AsyncEngine":
+        """An engine for ``model`` with keyword options (as ``LLM``'s)."""
         return cls(LLMEngine(build_engine_config(model, **options)))
+
+    @classmethod
+    def from_config(cls, config, deps: HostDeps | None = None) -> "AsyncEngine":
+        """An engine for a validated ``EngineConfig`` with the host's injected ``deps``."""
+        return cls(LLMEngine(config, deps))
 
     # ---- client side (event loop) --------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -143,3 +150,11 @@ class AsyncEngine:
             self.engine.abort(rid)
             stream.put(RuntimeError(f"engine step failed: {exc}"))
         self._streams.clear()
+
+    # ---- routing report (any thread) -------------------------------------------------------
+    def routing_snapshot(self, max_keys: int):
+        """The engine's stats and the hashes of its newest ``max_keys`` cached full blocks
+        (``LLMEngine.cached_block_hashes``), read together under the step lock. Blocks the
+        caller for up to one step: call it off the event loop. Returns ``(EngineStats, list[bytes])``."""
+        with self._lock:
+            return self.engine.snapshot_stats(), self.engine.cached_block_hashes(max_keys)

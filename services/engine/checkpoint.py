@@ -147,12 +147,17 @@ def read_header(file: Path) -> bytes:
 
 def checkpoint_fingerprint(path: str | Path, sample_bytes: int = 1 << 16) -> str:
     """sha256 hex of config.json, every safetensors header, and a sample of every file's
-    tensor data (its first and last ``sample_bytes``), files in sorted order.
+    tensor data (its first and last ``sample_bytes``), files in sorted order. A ``.gguf``
+    file: ``gguf_file.gguf_fingerprint`` (its header and a sample of its data).
 
     Stable for the same folder; differs whenever the config, a tensor's name, dtype or shape,
     a file's ``__metadata__`` differs, and (through the data sample) for fine-tunes that
     share config and shapes, at the cost of reading 128 KiB per file.
     """
+    if str(path).lower().endswith(".gguf"):
+        from services.engine.gguf_file import gguf_fingerprint  # gguf_file imports this module
+
+        return gguf_fingerprint(path, sample_bytes)
     path = Path(path)
     files = sorted(weight_files(path), key=lambda f: f.name)
     parts = [(path / "config.json").read_bytes()]

@@ -1,26 +1,61 @@
-"""Engine configuration: one frozen dataclass per concern, validated once."""
+"""Engine configuration: one frozen tree, declared once, parsed and validated once.
+
+    EngineConfig            model, device, dtype, max_model_len, seed
+      cache: CacheConfig        paged KV cache sizing
+      scheduler: SchedulerConfig  batching limits and admission
+      experts: PluginSection      ExpertBackend variant (EXPERT_BACKENDS; key ``backend``)
+      speculative: PluginSection | None  proposer (PROPOSERS; key ``method``); None = off
+      quantization: PluginSection  weight quantizer (QUANTIZERS)
+
+``EngineConfig.from_options(model, options, path)`` builds it from the flat keyword names users
+know from vLLM (``LLM(model, block_size=16, max_num_seqs=64, speculative_config={...})`` and the
+``engine:`` mapping of a Serve YAML): a key is a field of ``EngineConfig``, a section name with a
+mapping, or the name of a field inside ``cache``/``scheduler`` (each such name is unique).
+``with_options`` applies a per-role override the same way. Every error names the field by its
+path (services/engine/config_parse.py). The resolved device and dtype (``auto``) are decided by
+the process that runs the engine (``resolve_device``), never written back into the config.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from services.engine.config_parse import ConfigError, construct, join, parse_field
+from services.engine.model.expert_backends import EXPERT_BACKENDS
+from services.engine.plugins import PluginSection
+from services.engine.quantization import QUANTIZERS
+from services.engine.spec_decode import PROPOSERS
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache sizing."""
 
-    block_size: int = 16  # tokens per KV block
-    num_blocks: int | None = None  # explicit pool size; None = derive from memory_bytes
-    memory_bytes: int = 2 << 30  # KV pool budget when num_blocks is None
+    block_size: int = 16  # tokens per KV block (prefill and decode must agree)
+    num_kv_blocks: int | None = None  # explicit pool size; None = derive from kv_cache_memory_gb
+    kv_cache_memory_gb: float = 2.0  # KV pool budget in GiB when num_kv_blocks is None
     enable_prefix_caching: bool = True  # reuse hash-identified full blocks across requests
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size: must be a power of two >= 1, got {self.block_size}")
-        if self.num_blocks is not None and self.num_blocks < 1:
-            raise ValueError(f"num_blocks: must be >= 1, got {self.num_blocks}")
+            raise ConfigError("block_size", f"must be a power of two >= 1, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ConfigError("num_kv_blocks", f"must be >= 1, got {self.num_kv_blocks}")
+        if not self.kv_cache_memory_gb > 0:
+            raise ConfigError("kv_cache_memory_gb", f"must be > 0, got {self.kv_cache_memory_gb}")
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.kv_cache_memory_gb * (1 << 30))
 
 
 @dataclass(frozen=True)
@@ -36,7 +71,11 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_waiting_requests", "max_waiting_tokens"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+
+
+def _optional(parse):
+    return lambda value, path: None if value is None else parse(value, path)
 
 
 @dataclass(frozen=True)
@@ -44,19 +83,119 @@ class EngineConfig:
     """Everything an engine needs; each component receives only its part."""
 
     model: str  # checkpoint folder (config.json, *.safetensors, tokenizer.json)
-    device: str = "cpu"  # "cpu" or "cuda[:N]"
-    dtype: torch.dtype = torch.float32  # weights and activations
+    device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda[:N]"
+    dtype: str = "auto"  # "auto" (the device's best), "float32", "bfloat16", "float16" (or short names)
     max_model_len: int | None = None  # context limit; None = the model's max_position_embeddings
     seed: int = 0  # seed of the engine's generator for unseeded sampling
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    experts: PluginSection = field(default_factory=lambda: PluginSection("local"),
+                                   metadata={"parse": EXPERT_BACKENDS.parse})  # MoE expert backend
+    speculative: PluginSection | None = field(default=None, metadata={"parse": _optional(PROPOSERS.parse)})
+    quantization: PluginSection = field(default_factory=lambda: PluginSection("none"),
+                                        metadata={"parse": QUANTIZERS.parse})  # weight quantizer
 
-    @staticmethod
-    def default_device() -> tuple[str, torch.dtype]:
-        """CUDA bf16 when a GPU is present, else CPU fp32 (bf16 GEMM is ~7x slower on AVX2)."""
-        if torch.cuda.is_available():
-            return "cuda", torch.bfloat16
-        return "cpu", torch.float32
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError("model", "must be a non-empty path")
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ConfigError("device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError("dtype", f"unknown dtype {self.dtype!r}; use auto or one of {sorted(DTYPES)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError("max_model_len", f"must be >= 1, got {self.max_model_len}")
+
+    @classmethod
+    def from_options(cls, model: str, options: Mapping[str, Any] | None = None, path: str = "") -> "EngineConfig":
+        """The config of ``model`` from flat or nested options (see the module docstring)."""
+        return cls(model=str(model)).with_options(options, path)
+
+    def with_options(self, options: Mapping[str, Any] | None, path: str = "") -> "EngineConfig":
+        """This config with ``options`` applied (a per-role override), validated like ``from_options``."""
+        if options is not None and not isinstance(options, Mapping):
+            raise ConfigError(path, f"must be a mapping, got {type(options).__name__}")
+        top, sections = _group(dict(options or {}), path)
+        values = {}
+        for name, (data, flat) in sections.items():
+            values[name] = _build_section(getattr(self, name), data, flat, path, name)
+        hints = _hints()
+        for key, (value, written) in top.items():
+            values[key] = parse_field(hints[key], _dtype_name(key, value), join(path, written),
+                                      _FIELDS[key].metadata, getattr(self, key))
+        return construct(EngineConfig, values, path, self)
+
+
+def _dtype_name(key: str, value: Any) -> Any:
+    """``LLM(dtype=torch.bfloat16)`` is accepted as the name it has in ``DTYPES``."""
+    if key == "dtype" and isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return value
+
+
+_SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig}
+_FIELDS = {f.name: f for f in dataclasses.fields(EngineConfig)}
+_FLAT = {f.name: name for name, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}  # field -> section
+_ALIASES = {"speculative_config": "speculative"}  # vLLM's keyword names
+
+
+def _hints() -> dict:
+    return typing.get_type_hints(EngineConfig)
+
+
+def _group(options: dict, path: str) -> tuple[dict, dict]:
+    """Split options into ``{field: (value, key as written)}`` and ``{section: (fields, names given flat)}``."""
+    top, sections = {}, {}
+    for written, value in options.items():
+        key = _ALIASES.get(written, written)
+        if key in _SECTIONS:
+            if not isinstance(value, Mapping):
+                raise ConfigError(join(path, key), f"must be a mapping, got {type(value).__name__}")
+            data, flat = sections.setdefault(key, ({}, set()))
+            _put(data, dict(value), path, key)
+        elif key in _FLAT:
+            data, flat = sections.setdefault(_FLAT[key], ({}, set()))
+            _put(data, {key: value}, path, _FLAT[key])
+            flat.add(key)
+        elif key in _FIELDS and key != "model":
+            top[key] = (value, written)
+        else:
+            known = sorted(set(_FIELDS) - {"model"} | set(_FLAT) | set(_ALIASES))
+            raise ConfigError(join(path, str(key)), f"unknown engine option; known: {known}")
+    return top, sections
+
+
+def _put(data: dict, new: dict, path: str, section: str) -> None:
+    for key, value in new.items():
+        if key in data:
+            raise ConfigError(join(path, key), f"given twice (flat and inside {section})")
+        data[key] = value
+
+
+def _build_section(base: Any, data: dict, flat: set[str], path: str, section: str) -> Any:
+    """``base`` with ``data`` applied; a field given flat is named by its flat path."""
+    cls = type(base)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    where = {k: join(path, k) if k in flat else join(join(path, section), k) for k in data}
+    values = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(where[key], f"unknown key; known: {sorted(fields)}")
+        values[key] = parse_field(hints[key], value, where[key], fields[key].metadata)
+    try:
+        return dataclasses.replace(base, **values)
+    except ConfigError as exc:
+        prefix = path if exc.path in flat else join(path, section)
+        raise exc.under(prefix) from None
+
+
+def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype this process runs ``config`` on: ``auto`` is CUDA bf16 when a GPU is
+    present, else CPU fp32 (bf16 GEMM is ~7x slower than fp32 on AVX2-only CPUs)."""
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device), parse_dtype(config.dtype, device)
 
 
 def parse_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype:
@@ -64,9 +203,7 @@ def parse_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     if name in (None, "auto"):
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise ValueError(f"dtype: unknown dtype {name!r}; use one of {sorted(table)}")
-    return table[name]
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype: unknown dtype {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]

@@ -9,24 +9,19 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from services.engine.checkpoint import checkpoint_fingerprint
+from services.engine.assembly import assemble
 from services.engine.config import EngineConfig
-from services.engine.kv_cache import KVCacheManager, block_hash_chain, hash_seed
-from services.engine.malloc import keep_large_buffers_in_heap
-from services.engine.model.attention import read_blocks, write_blocks
-from services.engine.model.cpu_backend import use_cpu_backend
-from services.engine.model.registry import load_model
+from services.engine.kv_cache import block_hash_chain
 from services.engine.outputs import TokenChunk
+from services.engine.plugins import HostDeps
 from services.engine.request import Request
-from services.engine.runner import ModelRunner, kv_bytes_per_block
-from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
-from services.engine.scheduler import Scheduler
-from services.engine.tokenizer import Detokenizer, Tokenizer
+from services.engine.tokenizer import Detokenizer
 
 
 @dataclass
@@ -46,32 +41,27 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, deps: HostDeps | None = None):
         self.config = config
-        self.device = torch.device(config.device)
-        if self.device.type == "cpu":
-            keep_large_buffers_in_heap()  # see malloc.py: +15-25% decode throughput measured
-        self.model = load_model(config.model, device=self.device, dtype=config.dtype)
-        self.cpu_backend = use_cpu_backend(self.model)  # CPU fp32 only; see cpu_backend.py
-        self.model_config = self.model.config
-        self.tokenizer = Tokenizer(config.model)
+        parts = assemble(config, deps or HostDeps(), before_free=self._before_free)
+        self.device, self.dtype = parts.device, parts.dtype
+        self.model, self.cpu_backend, self.model_config = parts.model, parts.cpu_backend, parts.model.config
+        self.tokenizer, self.fingerprint, self.max_model_len = parts.tokenizer, parts.fingerprint, parts.max_model_len
+        self.kv, self.scheduler, self.runner, self.proposer = parts.kv, parts.scheduler, parts.runner, parts.proposer
         self.detokenizer = Detokenizer(self.tokenizer)
-        self.fingerprint = checkpoint_fingerprint(config.model)
-        mc = self.model_config
-        self.max_model_len = config.max_model_len or mc.max_position_embeddings
-        if self.max_model_len > mc.max_position_embeddings:
-            raise ValueError(f"max_model_len: {self.max_model_len} exceeds the model's max_position_embeddings "
-                             f"({mc.max_position_embeddings})")
-        num_blocks = config.cache.num_blocks or max(1, config.cache.memory_bytes // kv_bytes_per_block(
-            mc.num_layers, config.cache.block_size, mc.num_kv_heads, mc.head_dim, config.dtype))
-        seed = hash_seed(self.fingerprint, str(config.dtype).removeprefix("torch."), config.cache.block_size)
-        self.kv = KVCacheManager(num_blocks, config.cache.block_size, seed, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
-        generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.runner = ModelRunner(self.model, self.kv, num_blocks, self.device, config.dtype, Sampler(generator))
-        self.eos_token_ids = frozenset(mc.eos_token_ids)
-        self.stats = EngineStats(kv_blocks_total=num_blocks)
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
+        self.stats = EngineStats(kv_blocks_total=self.kv.pool.num_blocks)
         self._ids = itertools.count()
+        self._finish_hooks: list[Callable[[Request, str], None]] = []
+
+    def add_finish_hook(self, hook: Callable[[Request, str], None]) -> None:
+        """Call ``hook(req, reason)`` whenever a request finishes (stop, length, abort), in the
+        thread that steps the engine, while its blocks are still held (their KV can be read)."""
+        self._finish_hooks.append(hook)
+
+    def _before_free(self, req: Request, reason: str) -> None:
+        for hook in self._finish_hooks:
+            hook(req, reason)
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -85,10 +75,10 @@ class LLMEngine:
         request_id = str(next(self._ids)) if request_id is None else request_id
         if not isinstance(request_id, str) or not request_id:
             raise ValueError("request_id: must be a non-empty string")
-        if request_id in self.scheduler.requests:
+        if self.has_request(request_id):
             raise ValueError(f"request_id: {request_id!r} is already in use")
         token_ids = self._prompt_ids(prompt)
-        self._check_lengths(len(token_ids), params)
+        self.check_lengths(len(token_ids), params)
         req = Request(request_id, token_ids, params, priority=priority,
                       arrival_time=time.monotonic() if arrival_time is None else arrival_time)
         if params.seed is not None:
@@ -116,7 +106,9 @@ class LLMEngine:
             raise ValueError(f"prompt_token_ids: token id {bad} is outside the vocabulary [0, {vocab})")
         return list(prompt)
 
-    def _check_lengths(self, num_prompt: int, params: SamplingParams) -> None:
+    def check_lengths(self, num_prompt: int, params: SamplingParams) -> None:
+        """ValueError naming the field when a prompt of ``num_prompt`` tokens with ``params``
+        cannot be served here (context length, KV pool size, stop token ids)."""
         if num_prompt + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"max_tokens: prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds the "
@@ -137,6 +129,10 @@ class LLMEngine:
             return None
         self.scheduler.finish(req, "abort")
         return self._chunk(req, [], None, flush=True)
+
+    def has_request(self, request_id: str) -> bool:
+        """True while ``request_id`` is queued or running here."""
+        return request_id in self.scheduler.requests
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -170,10 +166,7 @@ class LLMEngine:
         if n == 0 or not self.kv.enable_prefix_caching or need > self.kv.num_free_blocks:
             return 0
         blocks = self.kv.import_blocks(request_id, hashes[:n])
-        idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
-        src = kv[:, :, :n].to(self.device)
-        for layer, cache in enumerate(self.runner.kv_caches):
-            write_blocks(cache, idx, src[layer])
+        self.runner.write_kv(blocks, kv[:, :, :n])
         return n
 
     def release_prefix_pins(self, request_id: str) -> None:
@@ -182,14 +175,44 @@ class LLMEngine:
 
     def read_kv_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """Copy of blocks ``[num_layers, 2, n, block_size, num_kv_heads, head_dim]`` (transfer layout)."""
-        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        return torch.stack([read_blocks(c, idx) for c in self.runner.kv_caches])
+        return self.runner.read_kv(block_ids)
 
     def kv_block_shape(self) -> tuple[str, tuple[int, ...]]:
         """(dtype name, shape of one block ``[num_layers, 2, block_size, num_kv_heads, head_dim]``)."""
         mc = self.model_config
         shape = (mc.num_layers, 2, self.kv.block_size, mc.num_kv_heads, mc.head_dim)
         return str(self.runner.kv_caches[0].dtype).removeprefix("torch."), shape
+
+    # ---- requests prefilled elsewhere (P/D hand-off) -------------------------------------
+    def request_block_ids(self, request_id: str) -> list[int]:
+        """The block table of a request in the engine (empty when it holds none)."""
+        return list(self.kv.block_tables.get(request_id, []))
+
+    def check_adoptable(self, num_prompt: int, params: SamplingParams, kv_shape: tuple[int, ...],
+                        kv_block_size: int, kv_num_tokens: int) -> None:
+        """ValueError unless a prompt KV of ``kv_shape`` (transfer layout, see ``read_kv_blocks``)
+        covering ``kv_num_tokens`` tokens can continue here as a request of ``num_prompt`` tokens."""
+        if kv_num_tokens != num_prompt or kv_block_size != self.kv.block_size:
+            raise ValueError(f"kv: covers {kv_num_tokens} tokens in blocks of {kv_block_size}; expected "
+                             f"{num_prompt} tokens in blocks of {self.kv.block_size}")
+        if kv_shape[2] != self.kv.blocks_needed(num_prompt) or kv_shape[0] != self.runner.num_layers:
+            raise ValueError(f"kv: shape {tuple(kv_shape)} does not fit this engine")
+        self.check_lengths(num_prompt, params)
+
+    def adopt_request(self, req: Request, kv: torch.Tensor) -> bool:
+        """Put ``req`` (prompt computed elsewhere, its output so far in ``output_token_ids``)
+        straight into the running batch with its prompt KV ``kv`` copied into fresh blocks, so the
+        next step decodes it; nothing is recomputed. False when the pool lacks free blocks now."""
+        if self.has_request(req.request_id):
+            raise ValueError(f"request_id: {req.request_id!r} is already in use")
+        num_prompt = req.num_prompt_tokens
+        if not self.kv.allocate(req, num_prompt):
+            return False
+        self.runner.write_kv(self.kv.block_tables[req.request_id], kv)
+        req.num_computed_tokens = num_prompt
+        self.kv.cache_full_blocks(req, num_prompt)
+        self.scheduler.add_running(req)
+        return True
 
     # ---- one step ------------------------------------------------------------------------
     def step(self) -> list[TokenChunk]:
@@ -255,12 +278,23 @@ class LLMEngine:
         upto = max(req.sent_text_len, len(req.text) - hold)
         text = req.text[req.sent_text_len:upto]
         req.sent_text_len = upto
-        return TokenChunk(req.request_id, tokens, text, logprobs, req.finish_reason, req.stop_reason,
-                          req.num_prompt_tokens, max(req.num_cached_tokens, 0), len(req.output_token_ids),
-                          req.queue_time, req.num_imported_cached_tokens)
+        return TokenChunk(request_id=req.request_id, token_ids=tokens, text=text, logprobs=logprobs,
+                          finish_reason=req.finish_reason, stop_reason=req.stop_reason,
+                          num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(req.num_cached_tokens, 0),
+                          num_output_tokens=len(req.output_token_ids), queue_time_s=req.queue_time,
+                          num_imported_cached_tokens=req.num_imported_cached_tokens)
 
     def snapshot_stats(self) -> EngineStats:
         s = self.stats
         s.num_running, s.num_waiting = self.scheduler.num_running, self.scheduler.num_waiting
         s.kv_blocks_free = self.kv.num_free_blocks
         return EngineStats(**vars(s))
+
+    def cached_block_hashes(self, limit: int) -> list[bytes]:
+        """Hashes of the newest ``limit`` full blocks in the local prefix cache, oldest first
+        (the order they were cached in). Not thread-safe: call under the step lock."""
+        if limit <= 0:
+            return []
+        newest = list(itertools.islice(reversed(self.kv.pool.cached), limit))
+        newest.reverse()
+        return newest

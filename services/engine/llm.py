@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from services.engine.config import CacheConfig, EngineConfig, SchedulerConfig, parse_dtype
+from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.outputs import RequestOutput
 from services.engine.sampling_params import SamplingParams
@@ -14,27 +14,23 @@ from services.engine.sampling_params import SamplingParams
 Prompt = str | list[int]
 
 
-def build_engine_config(model: str, *, device: str | None = None, dtype=None, max_model_len: int | None = None,
-                        seed: int = 0, block_size: int = 16, num_kv_blocks: int | None = None,
-                        kv_cache_memory_gb: float = 2.0, enable_prefix_caching: bool = True,
-                        max_num_batched_tokens: int = 2048, max_num_seqs: int = 128,
-                        max_waiting_requests: int = 4096, max_waiting_tokens: int = 1 << 22,
-                        enable_chunked_prefill: bool = True) -> EngineConfig:
-    """Validate keyword options (vLLM-style names) into the per-concern frozen configs."""
-    if device is None:
-        device, _ = EngineConfig.default_device()
-    cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
-                        memory_bytes=int(kv_cache_memory_gb * (1 << 30)),
-                        enable_prefix_caching=enable_prefix_caching)
-    sched = SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                            max_waiting_requests=max_waiting_requests, max_waiting_tokens=max_waiting_tokens,
-                            enable_chunked_prefill=enable_chunked_prefill)
-    return EngineConfig(model=str(model), device=device, dtype=parse_dtype(dtype, device),
-                        max_model_len=max_model_len, seed=seed, cache=cache, scheduler=sched)
+def build_engine_config(model: str, **options) -> EngineConfig:
+    """``EngineConfig.from_options`` for keyword options (vLLM-style names; see
+    services/engine/config.py); ``device=None`` / ``dtype=None`` mean ``auto``."""
+    for key in ("device", "dtype"):
+        if key in options and options[key] is None:
+            options[key] = "auto"
+    return EngineConfig.from_options(model, options)
 
 
 class LLM:
-    """Runs the engine in this process until every prompt is finished."""
+    """Runs the engine in this process until every prompt is finished.
+
+    ``options`` are the engine's (services/engine/config.py), by their vLLM names where vLLM has
+    one: ``LLM(model, dtype="float32", block_size=16, num_kv_blocks=256, max_num_seqs=64,
+    speculative_config={...}, experts={"backend": "local"}, quantization="none")``. A bad option
+    raises ValueError naming it.
+    """
 
     def __init__(self, model: str, **options):
         self.engine = LLMEngine(build_engine_config(model, **options))

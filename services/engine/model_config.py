@@ -1,8 +1,10 @@
-"""The model's shape and flags, parsed once from a Hugging Face checkpoint folder.
+"""The model's shape and flags, parsed once from a Hugging Face checkpoint folder or a GGUF file.
 
 ``ModelConfig.from_pretrained(path)`` reads ``config.json`` (and ``generation_config.json``
-when present) and normalizes the differences between the supported architectures into one
-flat, frozen record that drives the generic decoder in ``services.engine.model.decoder``.
+when present), ``ModelConfig.from_gguf(file)`` the metadata of a GGUF file (mapped to the same
+config.json fields by ``services.engine.gguf_checkpoint``); both normalize the differences
+between the supported architectures into one flat, frozen record that drives the generic
+decoder in ``services.engine.model.decoder``.
 Defaults for absent optional keys follow the corresponding ``transformers`` config class.
 """
 
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from services.engine.checkpoint import CheckpointError
+from services.engine.gguf_checkpoint import gguf_config
+from services.engine.gguf_file import read_gguf
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -81,6 +85,13 @@ class ModelConfig:
         raw = _read_json(path / "config.json", required=True)
         generation = _read_json(path / "generation_config.json", required=False)
         return cls.from_dict(raw, generation, source=str(path / "config.json"))
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> "ModelConfig":
+        """Parse the ``{arch}.*`` and ``tokenizer.ggml.*`` metadata of a GGUF file; eos ids are
+        llama.cpp's end-of-generation set (eos, eot, end-of-turn control tokens). Raises ValueError."""
+        raw, generation = gguf_config(read_gguf(path))
+        return cls.from_dict(raw, generation, source=f"{path} (GGUF metadata)")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], generation: dict[str, Any] | None = None,

@@ -1,8 +1,16 @@
-"""What the engine returns: whole results (offline API) and streamed chunks (async API)."""
+"""What the engine returns: whole results (offline API) and streamed chunks (async API).
+
+``merge_chunks`` is the one merge rule of every chunk type between the engine and the wire:
+the engine's ``TokenChunk`` here and the wire's ``services.types.StreamChunk`` (which this
+module does not import: imports go services -> services.engine).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 
 @dataclass
@@ -42,16 +50,37 @@ class TokenChunk:
         return self.finish_reason is not None
 
     def merge(self, later: "TokenChunk") -> "TokenChunk":
-        """One chunk carrying this chunk's output followed by ``later``'s; its ``emitted_at`` is the
-        earlier stamp (the delay of a merged chunk is the delay of its oldest token)."""
-        lp = None
-        if self.logprobs is not None or later.logprobs is not None:
-            lp = (self.logprobs or []) + (later.logprobs or [])
-        return TokenChunk(self.request_id, self.token_ids + later.token_ids, self.text + later.text, lp,
-                          later.finish_reason, later.stop_reason, later.num_prompt_tokens,
-                          later.num_cached_tokens, later.num_output_tokens,
-                          self.queue_time_s if self.queue_time_s is not None else later.queue_time_s,
-                          later.num_imported_cached_tokens, earliest(self.emitted_at, later.emitted_at))
+        """This chunk's output followed by ``later``'s (``merge_chunks``)."""
+        return merge_chunks(self, later)
+
+
+Chunk = TypeVar("Chunk")
+
+
+def merge_chunks(a: Chunk, b: Chunk) -> Chunk:
+    """One chunk carrying ``a``'s output followed by ``b``'s (``b`` is the later one).
+
+    For any chunk dataclass with ``token_ids``, ``text``, ``logprobs`` and ``queue_time_s``
+    (``TokenChunk``, ``services.types.StreamChunk``); by field name:
+    - ``token_ids``, ``text``, ``logprobs``: concatenated (``logprobs`` stays None unless one has them);
+    - ``queue_time_s``: the first one set (it is stamped once, on the first scheduled chunk);
+    - time stamps (the fields named ``*_at``: ``emitted_at``, ``arrived_at``): the earliest one
+      set, since the delay of a merged chunk is the delay of its oldest token;
+    - everything else (counts, finish and stop reason, tier split, ids): ``b``'s.
+    """
+    lp = None
+    if a.logprobs is not None or b.logprobs is not None:
+        lp = (a.logprobs or []) + (b.logprobs or [])
+    changes = {"token_ids": a.token_ids + b.token_ids, "text": a.text + b.text, "logprobs": lp,
+               "queue_time_s": a.queue_time_s if a.queue_time_s is not None else b.queue_time_s}
+    for name in _stamp_fields(type(b)):
+        changes[name] = earliest(getattr(a, name), getattr(b, name))
+    return dataclasses.replace(b, **changes)
+
+
+@functools.cache
+def _stamp_fields(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name.endswith("_at"))
 
 
 def earliest(a: float | None, b: float | None) -> float | None:

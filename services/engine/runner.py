@@ -13,7 +13,7 @@ import torch
 
 from services.engine.kv_cache import KVCacheManager
 from services.engine.model.attention import (AttentionMetadata, PrefillSlice, causal_mask, decode_mask,
-                                             kv_cache_shape)
+                                             kv_cache_shape, read_blocks, write_blocks)
 from services.engine.request import Request
 from services.engine.sampler import SampleResult, Sampler
 
@@ -50,6 +50,23 @@ class ModelRunner:
         self.mask_dtype = dtype
         # the CPU kernels' decode attention reads seq_lens, not the additive mask (use_cpu_kernels)
         self.decode_mask_needed = getattr(model, "decode_mask_needed", True)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.kv_caches)
+
+    def read_kv(self, block_ids: list[int]) -> torch.Tensor:
+        """Copy of blocks ``[num_layers, 2, n, block_size, num_kv_heads, head_dim]`` (transfer layout)."""
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return torch.stack([read_blocks(c, idx) for c in self.kv_caches])
+
+    def write_kv(self, block_ids: list[int], kv: torch.Tensor) -> None:
+        """Fill blocks ``block_ids`` from ``kv`` ``[num_layers, 2, n, block_size, num_kv_heads,
+        head_dim]`` (n = len(block_ids); any device, converted to the cache's dtype)."""
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        src = kv.to(self.device)
+        for layer, cache in enumerate(self.kv_caches):
+            write_blocks(cache, idx, src[layer])
 
     @torch.inference_mode()
     def execute(self, schedule: dict[str, int], requests: dict[str, Request]) -> StepResult:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.engine.config import SchedulerConfig
@@ -43,9 +44,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
+                 before_free: Callable[[Request, str], None] | None = None):
         self.config = config
         self.kv = kv
+        self.before_free = before_free  # called as before_free(req, reason) when a request finishes, blocks still held
         self.requests: dict[str, Request] = {}
         self.running: list[Request] = []
         self._waiting: list[tuple[int, float, int, Request]] = []  # heap
@@ -88,6 +91,8 @@ class Scheduler:
         """Mark a request finished (stop, length or abort) and free its blocks at once."""
         if req.is_finished:
             return
+        if self.before_free is not None:
+            self.before_free(req, reason)
         if req in self.running:
             self.running.remove(req)
         elif req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
@@ -98,6 +103,14 @@ class Scheduler:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         self.requests.pop(req.request_id, None)
+
+    def add_running(self, req: Request) -> None:
+        """Put a request whose prompt is already computed (its blocks allocated and filled, e.g.
+        adopted from a prefill worker) straight into the running batch. The caller has checked
+        that its id is not in use (``LLMEngine.adopt_request``)."""
+        req.status = RequestStatus.RUNNING
+        self.requests[req.request_id] = req
+        self.running.append(req)
 
     def has_unfinished(self) -> bool:
         return bool(self.running or self._waiting)

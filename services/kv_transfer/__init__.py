@@ -1,11 +1,10 @@
 """Moving the prompt KV of a request from a prefill worker to a decode worker.
 
-A backend is a ``KVTransfer`` subclass registered under a name; adding one (Redis, a GPU
-transport) is one file that calls ``register``. The Ray object store backend ("ray") is the
-default.
+A backend is a ``KVTransfer`` subclass in its own module of this package, registered under a
+name with ``register`` (``KV_TRANSFERS``); adding one (Redis, a GPU transport) is one file, found
+by the registry on first use. The Ray object store backend ("ray", ray_store.py) is the default.
 """
 
-from services.kv_transfer.base import KVPayload, KVTransfer, available, create, register
-from services.kv_transfer import ray_store  # noqa: F401  (registers "ray")
+from services.kv_transfer.base import KV_TRANSFERS, KVPayload, KVTransfer, available, create, register
 
-__all__ = ["KVPayload", "KVTransfer", "available", "create", "register"]
+__all__ = ["KV_TRANSFERS", "KVPayload", "KVTransfer", "available", "create", "register"]

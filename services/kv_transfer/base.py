@@ -18,11 +18,12 @@ from __future__ import annotations
 import abc
 import warnings
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from services.engine.plugins import HostDeps, PluginSection, Registry
 from services.types import KVHandle, KVTransferError
 
 _BIT_VIEWS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}  # numpy has no bf16
@@ -89,25 +90,26 @@ class KVTransfer(abc.ABC):
                                   f"handle says {tuple(handle.shape)}")
 
 
-_REGISTRY: dict[str, Callable[[], KVTransfer]] = {}
+# Backends: one module of this package each, registering a factory ``(options, deps) -> KVTransfer``
+# (a KVTransfer subclass whose __init__ takes (options, deps)) with ``KV_TRANSFERS.register(name)``;
+# the worker config's ``kv_transfer`` section picks one. The modules are found on first use.
+KV_TRANSFERS: Registry[KVTransfer] = Registry("kv_transfer", discover="services.kv_transfer")
 
 
-def register(name: str):
-    """Class decorator: make a backend available under ``name``."""
+def register(name: str, options: type | None = None):
+    """Class decorator: make a backend available under ``name`` (``KV_TRANSFERS.register``)."""
 
     def wrap(cls):
         cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        return KV_TRANSFERS.register(name, **({"options": options} if options else {}))(cls)
 
     return wrap
 
 
 def available() -> list[str]:
-    return sorted(_REGISTRY)
+    return KV_TRANSFERS.names()
 
 
-def create(name: str) -> KVTransfer:
-    if name not in _REGISTRY:
-        raise ValueError(f"kv_transfer: unknown backend {name!r}; available: {available()}")
-    return _REGISTRY[name]()
+def create(section: PluginSection | str, deps: HostDeps | None = None) -> KVTransfer:
+    """The backend ``section`` (or a bare name) picks, built with the host's ``deps``."""
+    return KV_TRANSFERS.create(section, deps)

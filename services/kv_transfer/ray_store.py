@@ -19,21 +19,21 @@ in plasma). ``check_transport`` warns about it.
 from __future__ import annotations
 
 import logging
-import os
 
 import ray
 
+from services.engine import env
+from services.engine.plugins import HostDeps, NoOptions
 from services.kv_transfer.base import KVPayload, KVTransfer, register
 from services.types import KVHandle, KVTransferError
 
 
 log = logging.getLogger("tandem.kv_transfer")
-_GRPC_TRANSPORT_VARS = ("RAY_SERVE_USE_GRPC_BY_DEFAULT", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
 
 
 def check_transport() -> None:
     """Warn when Serve's gRPC transport is on: it would leak every KV payload (see above)."""
-    on = [v for v in _GRPC_TRANSPORT_VARS if os.environ.get(v, "0").lower() in ("1", "true")]
+    on = env.serve_grpc_transport()
     if on:
         log.warning("kv_transfer[ray]: %s is set; Serve's gRPC transport pins every KV payload in the "
                     "object store (memory leak). Unset it for P/D mode.", "/".join(on))
@@ -41,7 +41,7 @@ def check_transport() -> None:
 
 @register("ray")
 class RayObjectStoreTransfer(KVTransfer):
-    def __init__(self):
+    def __init__(self, options: NoOptions | None = None, deps: HostDeps | None = None):
         self._held: dict[str, ray.ObjectRef] = {}
         check_transport()
 

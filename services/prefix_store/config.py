@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from services.engine import env
 
 SCHEMES = ("redis", "rediss")
 
@@ -65,7 +66,7 @@ class PrefixStoreConfig:
                 return Path(self.password_file).read_text().strip()
             except OSError as exc:
                 raise ValueError(f"prefix_store.password_file: cannot read {self.password_file!r}: {exc}") from exc
-        return os.environ.get(self.password_env) or None
+        return env.secret(self.password_env)
 
     def client(self, sync: bool = False):
         """A ``redis.asyncio.Redis`` (``sync``: a ``redis.Redis``) for this config; connects lazily,

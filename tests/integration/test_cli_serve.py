@@ -20,3 +20,23 @@ def test_tandem_serve_then_generate_then_ctrl_c(tiny_model, tmp_path):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
         assert "shutting down" in log.read_text()
+
+
+def test_tandem_serve_rejects_a_bad_engine_value_before_anything_starts(tiny_model, tmp_path):
+    import time
+
+    import yaml
+
+    from router.launcher import load_config
+
+    config = load_config("deploy/local.yaml", model=tiny_model, port=free_port(),
+                         overrides={"engine": {"block_size": 3}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "router.cli", "serve", "--config", str(bad), "--model", tiny_model,
+                          "--no-redis"], capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - start < 60
+    assert run.returncode == 2
+    assert "applications[0].args.engine.block_size: must be a power of two >= 1, got 3" in run.stderr
+    assert "starting Ray" not in run.stdout  # nothing was started: no Ray head, no replica

@@ -65,13 +65,25 @@ def test_no_variant_is_built_for_the_building_machine():
 
 
 @pytest.mark.parametrize("raw,choice", [(None, "auto"), ("1", "auto"), ("0", "torch"), ("AVX2", "avx2"),
-                                        ("avx512", "avx512"), ("torch", "torch")])
+                                        ("avx512", "avx512"), ("torch", "torch"), ("off", "torch"), ("", "auto")])
 def test_environment_choice(monkeypatch, raw, choice):
     if raw is None:
         monkeypatch.delenv(ENV_SWITCH, raising=False)
     else:
         monkeypatch.setenv(ENV_SWITCH, raw)
     assert kernel_choice_from_env() == choice
+
+
+def test_env_module_knows_every_choice():
+    from services.engine import env
+    from services.engine.kernels.variants import CHOICES
+    assert env.KERNEL_CHOICES == CHOICES
+
+
+def test_environment_choice_rejects_other_words(monkeypatch):
+    monkeypatch.setenv(ENV_SWITCH, "sse9")
+    with pytest.raises(ValueError, match="TANDEM_CPU_KERNELS"):
+        kernel_choice_from_env()
 
 
 def test_load_follows_the_choice(monkeypatch):

@@ -4,7 +4,8 @@ import grpc
 import pytest
 
 from protos.tandem.v1 import generation_pb2 as pb
-from router.errors import RequestError, status_for
+from router.errors import RequestError
+from router.servicer import generate_input, status_for
 from router.validation import Limits, RequestValidator
 from services.engine.make_model import make_model
 from services.engine.scheduler import EngineOverloadedError
@@ -20,7 +21,7 @@ def validator(tmp_path_factory):
 
 
 def build(validator, **kw):
-    return validator.build(pb.GenerateRequest(**kw), "r", None)
+    return validator.build(generate_input(pb.GenerateRequest(**kw)), "r", None)
 
 
 @pytest.mark.parametrize("kw,code,field", [

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import random
 import re
@@ -43,9 +42,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from services.engine import env  # standard library only: torch is not started yet
+
 # Must precede the OpenMP runtime's start (i.e. `import torch`): on a busy 2-core machine,
 # spinning OpenMP workers that wait on a descheduled peer make each step ~3x slower.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+env.set_defaults({"OMP_WAIT_POLICY": "PASSIVE"})
 
 import torch  # noqa: E402
 import torch.nn as nn

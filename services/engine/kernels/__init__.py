@@ -18,12 +18,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import sys
 from pathlib import Path
 
 import torch
 
+from services.engine import env
 from services.engine.kernels.cpu_features import CpuFeatures, cpu_features
 from services.engine.kernels.variants import AUTO, TORCH, KernelVariant, pick_variant, runnable_variants
 
@@ -31,13 +31,12 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("cpu_ops.cpp", "panel_linear.cpp", "bf16_linear.cpp", "prefill_attention.cpp")]
-ENV_SWITCH = "TANDEM_CPU_KERNELS"  # auto | avx512 | avx2 | torch ("0" = torch, "1" = auto)
+ENV_SWITCH = "TANDEM_CPU_KERNELS"  # auto | avx512 | avx2 | torch ("0" = torch, "1" = auto); read by services/engine/env.py
 
 
 def kernel_choice_from_env() -> str:
-    """The kernel choice ``TANDEM_CPU_KERNELS`` asks for (the one place it is read)."""
-    raw = os.environ.get(ENV_SWITCH, AUTO).strip().lower()
-    return {"0": TORCH, "1": AUTO, "": AUTO}.get(raw, raw)
+    """The kernel choice ``TANDEM_CPU_KERNELS`` asks for (env.cpu_kernels_choice)."""
+    return env.cpu_kernels_choice()
 
 
 def cpu_supports_kernels() -> bool:

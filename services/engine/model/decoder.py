@@ -18,7 +18,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from services.engine.model.attention import AttentionMetadata, PagedAttention
-from services.engine.model.experts import ExpertSpec, MoEBlock
+from services.engine.model.experts import ExpertFactory, ExpertSpec, LocalExperts, MoEBlock
 from services.engine.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope
 from services.engine.model.packing import SMALL_ROWS, PanelLinear
 from services.engine.model_config import ModelConfig
@@ -67,7 +67,7 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``."""
 
-    def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype, expert_backend: str):
+    def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype, expert_backend: ExpertFactory):
         super().__init__()
         c = config
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
@@ -114,7 +114,8 @@ class CausalLM(nn.Module):
     the rows it samples from and calls ``compute_logits`` on those only.
     """
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32, expert_backend: str = "local"):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32,
+                 expert_backend: ExpertFactory = LocalExperts):
         super().__init__()
         c = config
         self.config = config

@@ -11,12 +11,16 @@ Glossary
 Shapes: T tokens, D hidden size, E experts, k experts per token, I expert width.
 
 Backends (where the expert weights live and run) are one class each, registered in
-``EXPERT_BACKENDS``; the MoE block and the weight loader only use the abstract interface.
+``EXPERT_BACKENDS`` (services/engine/model/expert_backends: one module each; the engine
+config's ``experts`` section picks one); the MoE block and the weight loader only
+use the abstract interface. The model builder gets an ``ExpertFactory``: ``ExpertSpec ->
+ExpertBackend``, called once per MoE layer.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -95,21 +99,19 @@ class LocalExperts(ExpertBackend):
         return out.index_add_(0, tokens, y)
 
 
-EXPERT_BACKENDS: dict[str, type[ExpertBackend]] = {"local": LocalExperts}
+ExpertFactory = Callable[[ExpertSpec], ExpertBackend]  # builds one MoE layer's backend
 
 
 class MoEBlock(nn.Module):
     """Router + routed experts (+ optional gated shared expert). x [T, D] -> [T, D]."""
 
     def __init__(self, spec: ExpertSpec, top_k: int, renormalize: bool,
-                 shared_intermediate_size: int = 0, backend: str = "local"):
+                 shared_intermediate_size: int = 0, backend: ExpertFactory = LocalExperts):
         super().__init__()
-        if backend not in EXPERT_BACKENDS:
-            raise ValueError(f"expert backend {backend!r} is unknown; known: {', '.join(EXPERT_BACKENDS)}")
         self.top_k = top_k
         self.renormalize = renormalize
         self.gate = nn.Linear(spec.hidden_size, spec.num_experts, bias=False, dtype=spec.dtype)  # router
-        self.experts = EXPERT_BACKENDS[backend](spec)
+        self.experts = backend(spec)
         self.shared_expert = None
         self.shared_expert_gate = None
         if shared_intermediate_size:

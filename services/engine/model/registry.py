@@ -19,11 +19,13 @@ import torch
 from tqdm import tqdm
 
 from services.engine.checkpoint import CheckpointError, CheckpointReader
+from services.engine.gguf_checkpoint import GGUFCheckpointReader
+from services.engine.gguf_file import is_gguf_path
 from services.engine.model.decoder import CausalLM
-from services.engine.model.experts import MoEBlock
+from services.engine.model.experts import ExpertFactory, LocalExperts, MoEBlock
 from services.engine.model_config import SUPPORTED_ARCHITECTURES, ModelConfig
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "build_model", "load_model", "load_weights"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "build_model", "load_model", "load_weights", "open_checkpoint"]
 
 # fused parameter -> the checkpoint projections it concatenates, in row order
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -41,7 +43,7 @@ class _Source:
 
 
 def build_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                expert_backend: str = "local") -> CausalLM:
+                expert_backend: ExpertFactory = LocalExperts) -> CausalLM:
     """Allocate a ``CausalLM`` on ``device`` without initializing weights (``torch.empty``);
     only the rotary cos/sin table is computed. Use ``load_weights`` to fill it."""
     with torch.device("meta"):
@@ -53,17 +55,26 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: 
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               expert_backend: str = "local") -> CausalLM:
-    """Parse ``path/config.json``, build the model and load its safetensors weights."""
-    config = ModelConfig.from_pretrained(path)
-    model = build_model(config, device, dtype, expert_backend)
-    with CheckpointReader(path) as reader:
+               expert_backend: ExpertFactory = LocalExperts) -> CausalLM:
+    """Parse ``path/config.json``, build the model and load its safetensors weights; or, for a
+    ``.gguf`` file, the same from its metadata and (dequantized) tensors."""
+    config, reader = open_checkpoint(path)
+    with reader:
+        model = build_model(config, device, dtype, expert_backend)
         load_weights(model, reader)
     return model
 
 
+def open_checkpoint(path: str | Path) -> tuple[ModelConfig, CheckpointReader | GGUFCheckpointReader]:
+    """(config, tensor reader in HF naming) for a checkpoint folder or a GGUF file; every
+    architecture and tensor-type check runs here, before any weight is allocated."""
+    if is_gguf_path(path):
+        return ModelConfig.from_gguf(path), GGUFCheckpointReader(path)
+    return ModelConfig.from_pretrained(path), CheckpointReader(path)
+
+
 @torch.no_grad()
-def load_weights(model: CausalLM, reader: CheckpointReader) -> None:
+def load_weights(model: CausalLM, reader: CheckpointReader | GGUFCheckpointReader) -> None:
     """Copy (and convert to the model's dtype/device) every checkpoint tensor into ``model``."""
     used: set[str] = set()
     bar = tqdm(total=len(reader.names()), desc=f"loading {reader.path.name}", unit="tensor", disable=None)
