@@ -10,6 +10,7 @@ from tqdm import tqdm
 from services.engine.chat_prompt import Conversation, chat_prompt_ids, with_end_of_turn
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
+from services.engine.model_catalog import NAMED_MODELS, resolve_model
 from services.engine.outputs import RequestOutput
 from services.engine.sampling_params import SamplingParams
 
@@ -18,7 +19,10 @@ Prompt = str | list[int]
 
 def build_engine_config(model: str, **options) -> EngineConfig:
     """``EngineConfig.from_options`` for keyword options (vLLM-style names; see
-    services/engine/config.py); ``device=None`` / ``dtype=None`` mean ``auto``."""
+    services/engine/config.py); ``device=None`` / ``dtype=None`` mean ``auto``. ``model`` is a
+    path or a name of services/engine/model_catalog.py (``smollm2``, ``embedded``)."""
+    if model in NAMED_MODELS:
+        model = resolve_model(model)
     for key in ("device", "dtype"):
         if key in options and options[key] is None:
             options[key] = "auto"

@@ -1,4 +1,5 @@
-"""The benchmarks take the catalog's model names and .gguf files (``--model smollm2``)."""
+"""Model names of the catalog (``smollm2``) in the benchmarks (``--model smollm2``, .gguf files
+too) and the offline API (``LLM("smollm2")``)."""
 
 import pytest
 
@@ -11,3 +12,9 @@ def test_names_and_gguf_files_resolve(tmp_path):
     assert resolve_model(str(smollm2_path())) == smollm2_path()
     with pytest.raises(ValueError, match="smollm2"):
         resolve_model("no-such-model", cache=tmp_path)
+
+
+def test_the_offline_api_takes_a_model_name():
+    from services.engine.llm import build_engine_config
+
+    assert build_engine_config("smollm2").model == str(smollm2_path())
