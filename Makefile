@@ -32,6 +32,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the default model: SmolLM2-135M-Instruct (the wheel above); then: tandem generate --chat "..." / tandem chat
 run: $(STAMP)
 	$(BIN)/tandem serve --port 50051
 

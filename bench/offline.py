@@ -230,7 +230,11 @@ def bench_hf(path: Path, workload: Workload, args: argparse.Namespace, probe: sy
     from services.engine.config import parse_dtype
     from transformers import AutoModelForCausalLM
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=parse_dtype(args.dtype, "cpu")).eval()
+    dtype = parse_dtype(args.dtype, "cpu")
+    if path.suffix.lower() == ".gguf":  # transformers dequantizes the file itself (needs the gguf package)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
     res = {"init_s": time.perf_counter() - t0,
            "attn_implementation": getattr(model.config, "_attn_implementation", None)}
     vocab = model.config.vocab_size
@@ -351,7 +355,7 @@ def print_table(res: dict) -> None:
 # ---- entry point ---------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="tandem bench offline", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="checkpoint folder or a make_model shape name")
+    ap.add_argument("--model", required=True, help="checkpoint folder, .gguf file, model name (smollm2) or make_model shape")
     ap.add_argument("--concurrency", default="1,8,32", help="comma-separated batch sizes")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)

@@ -236,7 +236,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="tandem bench serve", description=__doc__.splitlines()[0])
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--address", help="host:port of a Tandem router")
-    where.add_argument("--inprocess", help="baseline: model folder or make_model shape, engine in this process")
+    where.add_argument("--inprocess", help="baseline, engine in this process: model folder, .gguf file, "
+                       "model name (smollm2) or make_model shape")
     ap.add_argument("--num-prompts", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=32, help="requests in flight at most (0 = unlimited)")
     ap.add_argument("--request-rate", type=float, default=None, help="open loop: Poisson arrivals per second")

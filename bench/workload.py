@@ -72,14 +72,20 @@ def warmup_prompt(vocab: int) -> list[int]:
 
 
 def resolve_model(name_or_path: str, cache: Path = MODEL_CACHE) -> Path:
-    """A checkpoint folder: an existing path as is, or a ``make_model`` shape name written
-    once (random weights) under ``cache/NAME``."""
+    """A checkpoint: an existing folder or .gguf file as is, a model name of the catalog
+    (``smollm2``, ``embedded``: services/engine/model_catalog.py), or a ``make_model`` shape
+    name written once (random weights) under ``cache/NAME``."""
+    from services.engine.model_catalog import NAMED_MODELS
+
     path = Path(name_or_path)
-    if path.is_dir():
+    if path.is_dir() or (path.suffix.lower() == ".gguf" and path.is_file()):
         return path
+    if name_or_path in NAMED_MODELS:
+        return NAMED_MODELS[name_or_path]()
     from services.engine.make_model import SHAPES, make_model
     if name_or_path not in SHAPES:
-        raise ValueError(f"--model: {name_or_path!r} is neither a folder nor one of {sorted(SHAPES)}")
+        raise ValueError(f"--model: {name_or_path!r} is neither a folder, a .gguf file, a model name "
+                         f"({sorted(NAMED_MODELS)}) nor one of {sorted(SHAPES)}")
     out = cache / name_or_path
     if not (out / "config.json").exists():
         tmp = cache / f".{name_or_path}.tmp{os.getpid()}"

@@ -112,7 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
         address = launcher.deploy(config, timeout_s=args.timeout)
         serving.set()
         print(f"tandem serve: serving {Path(model).name} on {address} (Ctrl-C stops)", flush=True)
-        print(f"  try: {_self_command()} generate --address {address} \"The for statement\"", flush=True)
+        print(f"  try: {_self_command()} {_try_command(model, address)}", flush=True)
         while not stop.wait(1.0):
             pass
     except KeyboardInterrupt:
@@ -125,6 +125,16 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _try_command(model: str, address: str) -> str:
+    """The client command printed once serving: a chat for a model with a chat template."""
+    from services.engine.tokenizer import Tokenizer
+
+    where = "" if address == DEFAULT_ADDRESS else f" --address {address}"
+    if Tokenizer(model).chat_template is not None:
+        return f"generate{where} --chat \"What is the capital of France?\"   (or: chat{where})"
+    return f"generate{where} \"The for statement\""
+
+
 def _self_command() -> str:
     """How to run this CLI again from the user's shell ("tandem" when it is on PATH)."""
     import shutil
@@ -135,21 +145,39 @@ def _self_command() -> str:
     return str(exe) if exe.name == "tandem" else "tandem"
 
 
-def _generate(args: argparse.Namespace) -> int:
-    import grpc
-
+def _sampling(args: argparse.Namespace):
     from protos.tandem.v1 import generation_pb2 as pb
-    from router.client import stream_completion
 
     sampling = pb.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
     if args.seed is not None:
         sampling.seed = args.seed
+    return sampling
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from router.client import chat_once, stream_completion
+
+    if (args.prompt is None) == (args.chat is None):
+        raise ValueError("give exactly one of PROMPT (a completion) and --chat TEXT (a chat turn)")
     try:
-        stream_completion(args.address, args.prompt, sampling, timeout=args.timeout)
+        if args.chat is not None:
+            chat_once(args.address, args.chat, _sampling(args), system=args.system, timeout=args.timeout)
+        else:
+            stream_completion(args.address, args.prompt, _sampling(args), timeout=args.timeout)
     except grpc.RpcError as exc:
         print(f"\ntandem generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """An interactive chat with the served model: one turn per line of stdin (piped works too)."""
+    from router.client import chat_session
+
+    return chat_session(args.address, _sampling(args), system=args.system, timeout=args.timeout,
+                        show_usage=args.usage)
 
 
 def command_entry_points(checkout: Path | None = CHECKOUT) -> list[metadata.EntryPoint]:
@@ -204,7 +232,7 @@ def build_parser(entry_points: list[metadata.EntryPoint] | None = None) -> argpa
 
     gl = sub.add_parser("generate-local", help="generate in this process (no server)")
     gl.add_argument("prompt")
-    gl.add_argument("--model", help="checkpoint folder or model name (default: the embedded model)")
+    gl.add_argument("--model", help="checkpoint folder or model name (default: smollm2 when installed, else the embedded model)")
     gl.add_argument("--max-tokens", type=int, default=64)
     gl.add_argument("--temperature", type=float, default=0.0)
     gl.add_argument("--top-p", type=float, default=1.0)
@@ -215,7 +243,7 @@ def build_parser(entry_points: list[metadata.EntryPoint] | None = None) -> argpa
 
     sv = sub.add_parser("serve", help="start a local Ray head and serve a deploy config over gRPC")
     sv.add_argument("--config", help="Serve config YAML (default: deploy/local.yaml)")
-    sv.add_argument("--model", help="checkpoint folder or model name (default: the embedded model)")
+    sv.add_argument("--model", help="checkpoint folder or model name (default: smollm2 when installed, else the embedded model)")
     sv.add_argument("--port", type=int, default=None, help="gRPC port (default: the config's, 50051)")
     sv.add_argument("--num-cpus", type=int, default=16, help="logical CPUs of the local Ray head")
     sv.add_argument("--timeout", type=float, default=600, help="seconds to wait for the app to be ready")
@@ -225,18 +253,29 @@ def build_parser(entry_points: list[metadata.EntryPoint] | None = None) -> argpa
     sv.add_argument("--redis-maxmemory", default="512mb", help="maxmemory of the local redis-server (allkeys-lru)")
     sv.set_defaults(handler=_serve)
 
-    g = sub.add_parser("generate", help="stream a completion from a running server")
-    g.add_argument("prompt")
-    g.add_argument("--address", default=DEFAULT_ADDRESS)
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--timeout", type=float, default=None, help="gRPC deadline in seconds")
+    g = sub.add_parser("generate", help="stream a completion (or, with --chat, a chat answer) from a running server")
+    g.add_argument("prompt", nargs="?", help="text to complete")
+    g.add_argument("--chat", metavar="TEXT", help="a user message, answered with the model's chat template")
+    _client_options(g, max_tokens=64)
     g.set_defaults(handler=_generate)
+
+    ch = sub.add_parser("chat", help="chat with a running server in the terminal (Ctrl-C or EOF ends)")
+    _client_options(ch, max_tokens=512)
+    ch.add_argument("--usage", action="store_true", help="print each turn's token counts after the reply")
+    ch.set_defaults(handler=_chat)
 
     add_plugin_commands(sub, command_entry_points() if entry_points is None else entry_points)
     return p
+
+
+def _client_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--address", default=DEFAULT_ADDRESS)
+    p.add_argument("--system", default="", help="system message of a chat (default: the template's own)")
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=None, help="gRPC deadline in seconds (per turn)")
 
 
 def main(argv: list[str] | None = None, entry_points: list[metadata.EntryPoint] | None = None) -> int:

@@ -108,7 +108,8 @@ class RequestLifecycle:
     # ---- used by LiveRequest -------------------------------------------------------------
     async def _build(self, request: GenerateInput, request_id: str, traceparent: str) -> GenerateCall:
         build = self.validator.build
-        if len(request.prompt) > LONG_PROMPT_CHARS:
+        chat_chars = sum(len(m.content) for m in request.messages)
+        if len(request.prompt) > LONG_PROMPT_CHARS or chat_chars > LONG_PROMPT_CHARS:
             return await asyncio.to_thread(build, request, request_id, request.deadline, traceparent)
         return build(request, request_id, request.deadline, traceparent)
 

@@ -17,7 +17,7 @@ from protos.tandem.v1 import generation_pb2 as pb
 from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
 from router.errors import ErrorKind, RequestError, classify
 from router.lifecycle import LiveRequest, RequestLifecycle, Usage
-from router.validation import OPTIONAL_SAMPLING, GenerateInput, SamplingInput
+from router.validation import OPTIONAL_SAMPLING, ChatMessage, GenerateInput, SamplingInput
 from services.types import StreamChunk
 
 _GRPC_STATUS = {
@@ -79,7 +79,9 @@ def generate_input(request: pb.GenerateRequest, deadline: float | None = None, m
     sampling = SamplingInput(**{name: getattr(s, name) for name in OPTIONAL_SAMPLING if s.HasField(name)},
                              stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids))
     headers = dict(metadata)
-    return GenerateInput(prompt=request.prompt, prompt_token_ids=list(request.prompt_token_ids), sampling=sampling,
+    messages = tuple(ChatMessage(m.role, m.content) for m in request.messages)
+    return GenerateInput(prompt=request.prompt, prompt_token_ids=list(request.prompt_token_ids), messages=messages,
+                         sampling=sampling,
                          request_id=request.request_id, priority=request.priority, model=request.model,
                          deadline=deadline, replica_hint=_metadata(metadata, REPLICA_HINT_KEY),
                          traceparent=headers.get("traceparent", ""), tracestate=headers.get("tracestate", ""))
@@ -130,7 +132,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         info = self.lifecycle.info
         return pb.ModelInfo(model_id=info.model_id, max_context_length=info.max_model_len,
                             vocab_size=info.vocab_size, eos_token_ids=list(info.eos_token_ids),
-                            kv_block_size=info.block_size)
+                            kv_block_size=info.block_size,
+                            has_chat_template=self.lifecycle.validator.tokenizer.chat_template is not None)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         try:

@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from router.errors import ErrorKind, RequestError, invalid
+from services.engine.chat_prompt import with_end_of_turn
+from services.engine.chat_template import ChatTemplateError
 from services.engine.sampling_params import SamplingParams
 from services.engine.tokenizer import Tokenizer
 from services.types import GenerateCall, ModelInfo
@@ -36,11 +38,20 @@ class SamplingInput:
 
 
 @dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation."""
+
+    role: str  # "system", "user", "assistant", ...
+    content: str  # the turn's text
+
+
+@dataclass(frozen=True)
 class GenerateInput:
     """One generation request as a protocol adapter hands it over; nothing checked yet."""
 
-    prompt: str = ""  # prompt text; set exactly one of prompt and prompt_token_ids
+    prompt: str = ""  # prompt text; set exactly one of prompt, prompt_token_ids and messages
     prompt_token_ids: list[int] = field(default_factory=list)  # the prompt as token ids
+    messages: tuple[ChatMessage, ...] = ()  # a conversation, rendered with the model's chat template
     sampling: SamplingInput = SamplingInput()  # sampling values
     request_id: str = ""  # "" = the router generates one; at most MAX_REQUEST_ID characters
     priority: int = 0  # lower is served first
@@ -85,6 +96,8 @@ class RequestValidator:
         self.check_model(request.model)
         params = self.sampling(request.sampling)
         ids = self.prompt_ids(request)
+        if request.messages:
+            params = with_end_of_turn(params, self.tokenizer.stop_token_ids)
         if len(ids) + params.max_tokens > self.info.max_model_len:
             raise invalid(f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                           f"the context length of {self.info.max_model_len}")
@@ -92,11 +105,14 @@ class RequestValidator:
                             traceparent=traceparent)
 
     def prompt_ids(self, request: GenerateInput) -> list[int]:
-        has_text, has_ids = bool(request.prompt), len(request.prompt_token_ids) > 0
-        if has_text == has_ids:
-            raise invalid("prompt: set exactly one of prompt and prompt_token_ids "
-                          f"(got {'both' if has_text else 'neither'})")
-        if has_ids:
+        given = [name for name, value in (("prompt", request.prompt), ("prompt_token_ids", request.prompt_token_ids),
+                                          ("messages", request.messages)) if value]
+        if len(given) != 1:
+            raise invalid("prompt: set exactly one of prompt, prompt_token_ids and messages "
+                          f"(got {' and '.join(given) if given else 'none'})")
+        if request.messages:
+            return self.chat_ids(request.messages)
+        if request.prompt_token_ids:
             ids = list(request.prompt_token_ids)
             if len(ids) >= self.info.max_model_len:
                 raise invalid(f"prompt_token_ids: {len(ids)} tokens do not fit the context length "
@@ -106,6 +122,23 @@ class RequestValidator:
                 raise invalid(f"prompt_token_ids: token id {bad} is outside the vocabulary [0, {self.info.vocab_size})")
             return ids
         return self.tokenize(request.prompt, "prompt")
+
+    def chat_ids(self, messages: tuple[ChatMessage, ...]) -> list[int]:
+        """The token ids of a conversation rendered with the model's chat template."""
+        if self.tokenizer.chat_template is None:
+            raise invalid("messages: the served model has no chat template; send a prompt instead")
+        for i, m in enumerate(messages):
+            if not m.role:
+                raise invalid(f"messages[{i}].role: must not be empty")
+        size = sum(len(m.content.encode("utf-8", errors="replace")) for m in messages)
+        if size > self.limits.max_prompt_bytes:
+            raise invalid(f"messages: {size} bytes exceeds the limit of {self.limits.max_prompt_bytes} bytes")
+        try:
+            text = self.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages])
+        except ChatTemplateError as exc:  # the template refused the conversation (raise_exception)
+            message = str(exc)
+            raise invalid(message if message.startswith("messages") else f"messages: {message}") from None
+        return self.tokenize(text, "messages")
 
     def tokenize(self, text: str, field: str) -> list[int]:
         size = len(text.encode("utf-8", errors="replace"))

@@ -1,13 +1,16 @@
-"""Offline API: ``LLM(model=path).generate(prompts, sampling_params)``."""
+"""Offline API: ``LLM(model=path).generate(prompts, sampling_params)`` and
+``LLM(model=path).chat(conversations, sampling_params)``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from tqdm import tqdm
 
+from services.engine.chat_prompt import Conversation, chat_prompt_ids, with_end_of_turn
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
+from services.engine.model_catalog import NAMED_MODELS, resolve_model
 from services.engine.outputs import RequestOutput
 from services.engine.sampling_params import SamplingParams
 
@@ -16,7 +19,10 @@ Prompt = str | list[int]
 
 def build_engine_config(model: str, **options) -> EngineConfig:
     """``EngineConfig.from_options`` for keyword options (vLLM-style names; see
-    services/engine/config.py); ``device=None`` / ``dtype=None`` mean ``auto``."""
+    services/engine/config.py); ``device=None`` / ``dtype=None`` mean ``auto``. ``model`` is a
+    path or a name of services/engine/model_catalog.py (``smollm2``, ``embedded``)."""
+    if model in NAMED_MODELS:
+        model = resolve_model(model)
     for key in ("device", "dtype"):
         if key in options and options[key] is None:
             options[key] = "auto"
@@ -65,6 +71,25 @@ class LLM:
                     bar.update(1)
         bar.close()
         return [to_output(r, p) for r, p in zip(reqs, prompts)]
+
+    def chat(self, conversations: Conversation | Sequence[Conversation],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
+        """One ``RequestOutput`` per conversation (a list of ``{role, content}`` messages; or a
+        list of them). Each is rendered with the model's chat template and generated like
+        ``generate`` would the rendered text's token ids, stopping also at the template's
+        end-of-turn tokens (``<|im_end|>``, ...). ValueError when the model has no chat template
+        or a message is malformed (naming ``messages[i].field``)."""
+        if isinstance(conversations, Sequence) and conversations and isinstance(conversations[0], Mapping):
+            conversations = [conversations]
+        conversations = list(conversations)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or SamplingParams()] * len(conversations)
+        if len(sampling_params) != len(conversations):
+            raise ValueError(f"sampling_params: got {len(sampling_params)} for {len(conversations)} conversations")
+        prompts = [chat_prompt_ids(self.tokenizer, c, add_generation_prompt) for c in conversations]
+        params = [with_end_of_turn(p, self.tokenizer.stop_token_ids) for p in sampling_params]
+        return self.generate(prompts, params, use_tqdm=use_tqdm)
 
 
 def to_output(req, prompt: Prompt) -> RequestOutput:

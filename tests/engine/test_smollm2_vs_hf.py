@@ -98,3 +98,19 @@ def test_staggered_arrivals_match_transformers(llm, prompts, reference):
 def test_first_chat_answer_names_paris(llm, prompts):
     out = llm.generate(prompts[:1], SamplingParams(max_tokens=24, temperature=0))[0]
     assert "Paris" in out.text and out.finish_reason == "stop" and out.token_ids[-1] == 2  # <|im_end|>
+
+
+def test_chat_is_generate_of_the_rendered_template(llm, prompts):
+    """``LLM.chat`` = ``generate`` of the chat template's token ids, stopping at <|im_end|>."""
+    params = SamplingParams(max_tokens=24, temperature=0)
+    chats = llm.chat([CHATS[0], CHATS[2]], params)
+    plain = llm.generate([prompts[0], prompts[2]], SamplingParams(max_tokens=24, temperature=0,
+                                                                  stop_token_ids=llm.tokenizer.stop_token_ids))
+    assert [c.prompt_token_ids for c in chats] == [prompts[0], prompts[2]]
+    assert [c.token_ids for c in chats] == [p.token_ids for p in plain] and [c.text for c in chats] == [p.text for p in plain]
+    assert "Paris" in chats[0].text and chats[0].finish_reason == "stop" and chats[0].stop_reason == 2
+    assert llm.chat(CHATS[0], params)[0].token_ids == chats[0].token_ids  # one conversation, not a list of them
+    ignoring = llm.chat(CHATS[0], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    assert ignoring.token_ids == chats[0].token_ids  # the end-of-turn token still ends a chat turn
+    with pytest.raises(ValueError, match=r"messages\[0\]\.content"):
+        llm.chat([{"role": "user", "content": 3}], params)

@@ -65,20 +65,21 @@ def environment(**values):
 
 
 @contextmanager
-def tandem_serve(model: str, port: int, log: Path, *extra: str, timeout_s: float = 180):
+def tandem_serve(model: str | None, port: int, log: Path, *extra: str, timeout_s: float = 180):
     """Run ``tandem serve --config deploy/local.yaml`` as a child process (own session) until it
-    prints "serving"; yield the process; kill its process group if it is still running at the end."""
+    prints "serving" (and the line after it); yield the process; kill its process group if it is
+    still running at the end. ``model=None``: no --model (the default model)."""
     import signal
     import subprocess
     import sys
 
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--config", str(DEPLOY / "local.yaml"),
-                                 "--model", model, "--port", str(port), *extra], stdout=out,
+                                 *(["--model", model] if model else []), "--port", str(port), *extra], stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         end = time.monotonic() + timeout_s
-        while "serving" not in log.read_text():
+        while "  try: " not in log.read_text():
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < end, "tandem serve did not come up"
             time.sleep(0.5)

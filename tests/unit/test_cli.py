@@ -71,7 +71,7 @@ def test_discovery_ignores_a_pyproject_of_another_project(tmp_path):
 def test_bench_is_a_command_of_the_default_parser():
     parser = cli.build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(commands.choices) == {"make-model", "generate-local", "serve", "generate", "bench"}
+    assert set(commands.choices) == {"make-model", "generate-local", "serve", "generate", "chat", "bench"}
 
 
 # ---- dispatching -------------------------------------------------------------------------------
