@@ -61,7 +61,7 @@ def assemble(config: EngineConfig, deps: HostDeps,
     experts = EXPERT_BACKENDS.create(config.experts, deps)
     model = load_model(config.model, device=device, dtype=dtype, expert_backend=experts)
     model = QUANTIZERS.create(config.quantization, deps)(model)
-    cpu_backend = use_cpu_backend(model)  # CPU fp32 only; see cpu_backend.py
+    cpu_backend = use_cpu_backend(model)  # CPU fp32 / bf16 kernels where they apply; see cpu_backend.py
     proposer = PROPOSERS.create(config.speculative, deps) if config.speculative is not None else None
     mc = model.config
     max_model_len = config.max_model_len or mc.max_position_embeddings

@@ -52,10 +52,7 @@ class LLM:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
-        if len(sampling_params) != len(prompts):
-            raise ValueError(f"sampling_params: got {len(sampling_params)} for {len(prompts)} prompts")
+        sampling_params = per_prompt(sampling_params, len(prompts), "prompts")
         reqs = []
         try:
             for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
@@ -83,13 +80,20 @@ class LLM:
         if isinstance(conversations, Sequence) and conversations and isinstance(conversations[0], Mapping):
             conversations = [conversations]
         conversations = list(conversations)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params or SamplingParams()] * len(conversations)
-        if len(sampling_params) != len(conversations):
-            raise ValueError(f"sampling_params: got {len(sampling_params)} for {len(conversations)} conversations")
+        sampling_params = per_prompt(sampling_params, len(conversations), "conversations")
         prompts = [chat_prompt_ids(self.tokenizer, c, add_generation_prompt) for c in conversations]
         params = [with_end_of_turn(p, self.tokenizer.stop_token_ids) for p in sampling_params]
         return self.generate(prompts, params, use_tqdm=use_tqdm)
+
+
+def per_prompt(sampling_params, n: int, what: str) -> list[SamplingParams]:
+    """One ``SamplingParams`` per input: None (the defaults) or one set broadcast, or a list of ``n``."""
+    if sampling_params is None or isinstance(sampling_params, SamplingParams):
+        return [sampling_params or SamplingParams()] * n
+    sampling_params = list(sampling_params)
+    if len(sampling_params) != n:
+        raise ValueError(f"sampling_params: got {len(sampling_params)} for {n} {what}")
+    return sampling_params
 
 
 def to_output(req, prompt: Prompt) -> RequestOutput:
