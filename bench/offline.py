@@ -277,6 +277,7 @@ def table_rows(res: dict) -> list[dict]:
         rows.append({"metric": f"TTFT({wl['ttft_len']}) s", "tandem": res["tandem"]["ttft_long"]["ttft_s"],
                      "hf": (res.get("hf") or {}).get("ttft_long", {}).get("ttft_s"),
                      "ref": ref.get("ttft_long_s", {}).get(wl["ttft_len"])})
+    rows += prefill_decode_rows(res)
     for c in wl["concurrencies"]:
         rows.append({"metric": f"TPOT p50 c={c} ms", "tandem": tan[c]["tpot_s"]["p50"] * 1e3,
                      "hf": _scale(hf.get(c, {}).get("tpot_s"), 1e3),
@@ -290,6 +291,40 @@ def table_rows(res: dict) -> list[dict]:
                      "hf": _scale(hf.get(1, {}).get("tpot_s"), 1 / floor),
                      "ref": _scale(ref.get("tpot_s", {}).get(1), 1 / floor)})
     return rows
+
+
+def prefill_decode_rows(res: dict) -> list[dict]:
+    """llama-bench's three figures for each engine, batch 1: prefill tok/s of the
+    ``prompt_len``-token prompt (prompt_len / c=1 TTFT p50; pp128 at the defaults) and of the
+    ``ttft_len``-token one (pp1024), and decode tok/s (1 / c=1 TPOT p50; tg128)."""
+    wl, rows = res["workload"], []
+    engines = {name: res.get(name) or {} for name in ("tandem", "hf")}
+    level = {name: _by_c(e.get("runs", [])).get(1) for name, e in engines.items()}
+    if level["tandem"]:
+        rows.append({"metric": f"prefill tok/s ({wl['prompt_len']}, c=1)",
+                     **{name: _rate(wl["prompt_len"], _p50(lv, "ttft_s")) for name, lv in level.items()}})
+    if "ttft_long" in engines["tandem"]:
+        rows.append({"metric": f"prefill tok/s ({wl['ttft_len']})",
+                     **{name: _rate(wl["ttft_len"], e.get("ttft_long", {}).get("ttft_s"))
+                        for name, e in engines.items()}})
+    if level["tandem"]:
+        rows.append({"metric": "decode tok/s (c=1)",
+                     **{name: _rate(1, _p50(lv, "tpot_s")) for name, lv in level.items()}})
+    for row in rows:
+        row["ref"] = None
+    return rows
+
+
+def _p50(level: dict | None, key: str) -> float | None:
+    """A level's p50 (Tandem reports percentiles, transformers one median)."""
+    if not level:
+        return None
+    value = level[key]
+    return value["p50"] if isinstance(value, dict) else value
+
+
+def _rate(n: int, seconds: float | None) -> float | None:
+    return n / seconds if seconds else None
 
 
 def _highest(readings: dict[str, dict[str, float]]) -> float:
@@ -323,6 +358,8 @@ def print_table(res: dict) -> None:
     """The comparison table (tok/s: higher is better; s, ms and floor ratios: lower)."""
     has_ref = bool(res.get("reference"))
     head = ["metric", "Tandem", "transformers", "Tandem/HF"] + (["vLLM ref", "Tandem/vLLM"] if has_ref else [])
+    env = res["env"]
+    print(f"CPU: {env['cpu']} | torch {env['torch']}, {env['torch_threads']} threads | dtype {res['dtype']}")
     lines = [head]
     for r in res["table"]:
         line = [r["metric"], _fmt(r["tandem"]), _fmt(r["hf"]), _fmt(_ratio(r["tandem"], r["hf"]))]

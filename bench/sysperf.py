@@ -25,6 +25,7 @@ import time
 import torch
 
 from services.engine.kernels import load_cpu_ops
+from services.engine.kernels.cpu_features import cpu_features
 from services.engine.malloc import huge_page_empty
 
 
@@ -99,6 +100,9 @@ def environment() -> dict:
            "torch_threads": torch.get_num_threads(), "cpu_model": cpu_model(),
            "nproc": os.cpu_count(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "platform": platform.platform()}
+    features = cpu_features()
+    env["cpu"] = features.describe()  # model, flags class and cores: the line every report names
+    env["cpu_flags_class"] = features.flags_class
     try:
         import transformers
         env["transformers"] = transformers.__version__

@@ -79,5 +79,11 @@ def test_offline_smoke(tmp_path, capsys):
     assert res["reference"] is None  # only for dense-100m at 128/128
     assert res["env"]["torch"] and res["env"]["torch_threads"] == 1
     assert "whole run" in res["other_cpu"]
+    assert res["env"]["cpu_flags_class"] in ("amx", "avx512-bf16", "avx512", "avx2", "baseline")
+    rows = {row["metric"]: row for row in res["table"]}
+    for engine in ("tandem", "hf"):  # llama-bench's pp / tg figures, derived from the same runs
+        assert rows["prefill tok/s (16, c=1)"][engine] == pytest.approx(16 / offline._p50(res[engine]["runs"][0], "ttft_s"))
+        assert rows["prefill tok/s (32)"][engine] == pytest.approx(32 / res[engine]["ttft_long"]["ttft_s"])
+        assert rows["decode tok/s (c=1)"][engine] == pytest.approx(1 / offline._p50(res[engine]["runs"][0], "tpot_s"))
     for row in res["table"]:
         assert _positive(row["tandem"]) and _positive(row["hf"]), row
