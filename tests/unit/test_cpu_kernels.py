@@ -55,6 +55,22 @@ def test_panel_linear_matches_f_linear(ops, rows, n_out, k, bias):
     _close(panel_linear(x.view(rows, 1, k), panels, n_out, b, ops), F.linear(x, w, b).view(rows, 1, n_out))
 
 
+@pytest.mark.parametrize("rows", [9, 13, 96, 97, 200])
+def test_linear_medium_matches_f_linear(ops, rows):
+    # the avx512 build's kernel for 9+ rows; rows past a 96-row task and a 6-row tile, a partial
+    # last panel (130 = 2 x 64 + 2 columns), a bias
+    if not hasattr(ops, "linear_medium"):
+        assert ops.VARIANT == "avx2" and ops.OP_ISA["linear_medium"].startswith("torch")
+        return
+    g = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(130, 101, generator=g) / 101 ** 0.5, torch.randn(130, generator=g)
+    x = torch.randn(rows, 140, generator=g)[:, 20:121]  # strided rows
+    _close(ops.linear_medium(x, to_panels(w), b, 130), F.linear(x, w, b))
+    _close(ops.linear_medium(x, to_panels(w), None, 130), F.linear(x, w))
+    with pytest.raises(RuntimeError, match="features"):
+        ops.linear_medium(torch.randn(9, 100), to_panels(w), None, 130)
+
+
 def test_linear_small_reads_strided_rows(ops):
     w, x = torch.randn(96, 40), torch.randn(3, 100)
     view = x[:, 10:50]  # rows 100 floats apart

@@ -484,6 +484,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias"), py::arg("n_out"), release());
   m.def("linear_bf16", &linear_bf16, "x [M, K] fp32 @ bf16 pair-panel weight -> [M, N] fp32", py::arg("x"),
         py::arg("w"), py::arg("bias"), py::arg("n_out"), py::arg("dot") = true, release());
+#if TANDEM_AVX512
+  m.def("linear_medium", &linear_medium, "x [M, K] @ panel64 weight -> [M, N] (9..511 rows)", py::arg("x"),
+        py::arg("w"), py::arg("bias"), py::arg("n_out"), release());
+#endif
   m.def("bf16_dot_supported", &bf16_dot_supported, "this build and CPU run vdpbf16ps (AVX512_BF16)");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after residual += x", py::arg("x"), py::arg("weight"),
         py::arg("eps"), py::arg("residual") = py::none(), release());
@@ -507,6 +511,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::dict op_isa;
   op_isa["linear_small"] = linear_small_isa();
   op_isa["linear_bf16"] = linear_bf16_isa();
+  op_isa["linear_medium"] = TANDEM_AVX512 ? "avx512" : "torch (batched matmul over the panels)";
   for (const char* op : {"rms_norm", "rope_", "silu_and_mul", "write_kv", "decode_attention", "prefill_attention"})
     op_isa[op] = "avx2";
   op_isa["DecodeStack"] = std::string("linear_small ") + linear_small_isa() + ", linear_bf16 " + linear_bf16_isa() +

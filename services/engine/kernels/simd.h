@@ -90,6 +90,11 @@ inline float hsum8(__m256 v) {
 // panel_linear.cpp: x [M <= 8, K] @ panel64 weight [NB, K, 64] (+ bias [N]) -> [M, N].
 at::Tensor linear_small(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                         int64_t n_out);
+#if TANDEM_AVX512
+// panel_gemm.cpp: x [M, K] @ panel64 weight [NB, K, 64] (+ bias [N]) -> [M, N], any M (used for 9..511).
+at::Tensor linear_medium(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                         int64_t n_out);
+#endif
 // panel_linear.cpp: the ISA of linear_small's code path in this build ("avx512" or "avx2").
 const char* linear_small_isa();
 // panel_linear.cpp: the read-bandwidth probe (sum of x read as linear_small reads weights).

@@ -6,10 +6,12 @@ in 64-column panels, see services/engine/kernels/bf16_linear.cpp):
 
 - **panel64** (``PanelLinear``, with the engine's kernels, services/engine/kernels): W stored as
   [ceil(out / 64), in, 64], 64 output columns of every input row side by side. A decode GEMV
-  reads each panel once, front to back, at memory speed (``linear_small``, 1..8 rows); 9..511
-  rows run one batched torch matmul over the panels; 512+ rows (prompt chunks) copy the panels
-  to W^T [in, out] and run one plain GEMM, where MKL's full-width blocking wins. One copy of
-  the weights serves every step (rows past ``out`` are zero padding).
+  reads each panel once, front to back, at memory speed (``linear_small``, 1..8 rows). More
+  rows: in the avx512 build, the kernels' ``linear_medium`` (panel_gemm.cpp, a 6 x 64 register
+  tile per panel); in the avx2 build, 9..511 rows run one batched torch matmul over the panels
+  and 512+ rows (prompt chunks) copy the panels to W^T [in, out] and run one plain GEMM, where
+  MKL's full-width blocking wins. One copy of the weights serves every step (rows past ``out``
+  are zero padding).
 - **oneDNN packed** (``OneDNNLinear``, where the kernels cannot build): each weight reordered
   once, at load, into oneDNN's blocked layout (``_reorder_linear_weight``, batch hint
   ``PACK_HINT_ROWS``) and multiplied by ``torch.ops.mkldnn._linear_pointwise``; the packed
@@ -22,6 +24,20 @@ VM noise about +-10%):
     rows M                     1      2      4      8     16     32    160   1024
     oneDNN, packed         14.4   17.1   19.2   22.0   35.0   52.1    144    906
     panel64                11.8   14.6   16.7   23.3   40.1   57.6    132    843
+
+SmolLM2-135M's 30 layers of linears (qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536),
+torch's batched matmul / mm over the panels vs ``linear_medium``, ms, best of 7 alternating
+rounds (AMD EPYC Zen 4, avx512-bf16, 2 cores, shared box at load average 8-9, /tmp/p15/mm.py,
+2026-12-02 23:52-00:01 UTC):
+
+    rows M                     16     32     64    128    512   1024
+    1 thread, torch         109.1  115.0  246.7  440.4   1319   2805
+    1 thread, medium         39.9   77.6  143.3  268.8   1004   2170
+    2 threads, torch        153.7  266.0   1015   1036      -      -
+    2 threads, medium        40.2  114.2  632.9  593.5      -      -
+
+(1 thread, 128 rows: 101 GFLOP/s, about the fp32 FMA peak of one Zen 4 core; the 2-thread
+figures suffer from the load, both alike.)
 
 Earlier oneDNN measurements (plain weight vs packed, hint 1 / 32 / 128) chose the hint: one
 packing with hint 128 was the fastest or within 3% of it at every row count. A tied LM head
@@ -141,8 +157,11 @@ def panel_linear(x: torch.Tensor, panels: torch.Tensor, n_out: int, bias: torch.
     """x [..., K], panels [NB, K, 64] -> [..., n_out] (``x @ W^T + bias``)."""
     flat = x.reshape(-1, x.shape[-1])
     rows = flat.shape[0]
+    medium = getattr(ops, "linear_medium", None)  # the avx512 build's 9+ row kernel
     if rows <= SMALL_ROWS and flat.stride(-1) == 1:
         out = ops.linear_small(flat, panels, bias, n_out)
+    elif medium is not None and flat.stride(-1) == 1:
+        out = medium(flat, panels, bias, n_out)
     else:
         if rows < LARGE_ROWS:  # one batched matmul over the panels: [NB, rows, 64] -> [rows, NB * 64]
             out = torch.matmul(flat, panels).transpose(0, 1).reshape(rows, -1)
