@@ -5,11 +5,13 @@ limits are config keys of the router section, validated when the app is built.""
 import math
 
 import pytest
+import torch
 
 from router.errors import MAX_MESSAGE, ErrorKind, RequestError, capped, classify, shown
 from router.server import RouterConfig
 from router.validation import ChatMessage, GenerateInput, Limits, RequestValidator, SamplingInput
 from services.engine.config_parse import ConfigError
+from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
 from services.types import ModelInfo
 
@@ -93,6 +95,11 @@ def test_a_seed_outside_what_torch_takes_is_refused():
 def test_a_temperature_too_small_to_divide_by_samples_greedily():
     assert SamplingParams(temperature=0).greedy and SamplingParams(temperature=1e-30).greedy
     assert not SamplingParams(temperature=1e-3).greedy
+    # logits / 1e-45 overflow to inf and softmax to NaN: torch.multinomial used to raise for the whole batch
+    logits = torch.randn(3, 512, generator=torch.Generator().manual_seed(0))
+    params = [SamplingParams(temperature=1e-45), SamplingParams(temperature=1e-40, seed=3), SamplingParams()]
+    got = Sampler(torch.Generator().manual_seed(0))(logits, params, [None, torch.Generator().manual_seed(3), None])
+    assert got.token_ids[:2] == logits[:2].argmax(dim=-1).tolist()
 
 
 # ---- input limits ------------------------------------------------------------------------------
