@@ -116,6 +116,45 @@ def _check_fuzz(address: str, seed: int, n: int) -> None:
     assert len(tokens(got)) == 4 and got[-1].finish_reason == "length"
 
 
+def _raw(address: str, method: str, payload: bytes, streaming: bool) -> tuple[grpc.StatusCode, str]:
+    async def main():
+        async with grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", -1)]) as channel:
+            code, details, _ = await _send(channel, Case(method, streaming, payload, method))
+            return code, details
+
+    return asyncio.run(main())
+
+
+GENERATE = "/tandem.v1.Generation/Generate"
+PROBES = {  # issue 18's probes: (method, request bytes, streaming) -> (code, details start, details contain)
+    "model-16000": (GENERATE, pb.GenerateRequest(prompt="hi", model="x" * 16_000), True,
+                    grpc.StatusCode.NOT_FOUND, "model: 'xxx", "(16000 characters)"),
+    "tokenize-model-16000": ("/tandem.v1.Generation/Tokenize", pb.TokenizeRequest(text="hi", model="y" * 16_000), False,
+                             grpc.StatusCode.NOT_FOUND, "model: 'yyy", "(16000 characters)"),
+    "temperature-inf": (GENERATE, request(prompt="hi", temperature=float("inf")), True,
+                        grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature: ", "finite"),
+    "top_p-nan": (GENERATE, request(prompt="hi", top_p=float("nan")), True,
+                  grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p: ", "nan"),
+    "17-stop-strings": (GENERATE, request(prompt="hi", stop=[f"s{i}" for i in range(17)]), True,
+                        grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop: ", "limit of 16"),
+    "5MiB-request": (GENERATE, request(prompt="z" * (5 << 20)), True,
+                     grpc.StatusCode.INVALID_ARGUMENT, "request: ", "exceeds the limit of 4194304 bytes"),
+    "invalid-utf8": (GENERATE, b"\x1a\x02\xff\xfe", True,
+                     grpc.StatusCode.INVALID_ARGUMENT, "request: not a valid tandem.v1.GenerateRequest", ""),
+    "admin-corrupt": ("/tandem.v1.Admin/GetWorkerStats", b"\x0a\x05ab", False,
+                      grpc.StatusCode.INVALID_ARGUMENT, "request: not a valid tandem.v1.GetWorkerStatsRequest", ""),
+}
+
+
+@pytest.mark.parametrize("probe", sorted(PROBES))
+def test_issue_probes_get_a_clean_code_and_a_short_message(address, probe):
+    method, message, streaming, code, start, contains = PROBES[probe]
+    payload = message if isinstance(message, bytes) else message.SerializeToString()
+    got_code, details = _raw(address, method, payload, streaming)
+    assert (got_code, details[:len(start)]) == (code, start), details[:300]
+    assert contains in details and len(details) <= MAX_DETAILS
+
+
 @pytest.mark.timeout(300)
 def test_fuzz_500_seeded_cases_get_only_clean_status_codes(address):
     _check_fuzz(address, seed=18, n=500)
