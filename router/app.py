@@ -17,6 +17,12 @@
     prefill_engine: {...}       # overrides for PrefillWorker (pd mode)
     decode_engine: {...}        # overrides for DecodeWorker (pd mode)
     router: {max_inflight_requests: N, max_prompt_bytes: N, prefix_routing: true}  # false: least load only
+                                # input limits (INVALID_ARGUMENT naming the field and the limit; defaults):
+                                #   max_request_bytes: 4194304 (serialized request; grpc's own transport
+                                #   limit max_message_bytes: 67108864 answers RESOURCE_EXHAUSTED above it),
+                                #   max_prompt_bytes: 1048576, max_prompt_token_ids: 262144,
+                                #   max_messages: 1024, max_stop_strings: 16, max_stop_chars: 1024,
+                                #   max_stop_token_ids: 256
     prefix_store: {url: redis://127.0.0.1:6379, ttl_s: 3600, timeout_s: 0.5, ...}
                                 # Redis tier of the prefix cache (services/prefix_store/config.py);
                                 # absent or null = local tier only
@@ -41,7 +47,9 @@ from services.prefix_store.config import PrefixStoreConfig
 from services.workers import DecodeWorker, PrefillWorker, UnifiedWorker
 
 MODES = ("unified", "pd")
-_ROUTER_KEYS = ("max_inflight_requests", "max_prompt_bytes", "max_message_bytes", "grace_s", "prefix_routing")
+_ROUTER_KEYS = ("max_inflight_requests", "max_prompt_bytes", "max_message_bytes", "max_request_bytes",
+                "max_prompt_token_ids", "max_messages", "max_stop_strings", "max_stop_chars", "max_stop_token_ids",
+                "grace_s", "prefix_routing")
 _KEYS = ("mode", "model", "model_id", "host", "port", "kv_transfer", "engine", "prefill_engine", "decode_engine",
          "router", "torch_threads", "prefix_store")
 
@@ -97,8 +105,11 @@ def _router_config(args: dict, model: str, path: str) -> RouterConfig:
     bad = sorted(set(router_args) - set(_ROUTER_KEYS))
     if bad:
         raise ConfigError(join(path, "router"), f"unknown key(s) {bad}; known: {list(_ROUTER_KEYS)}")
-    return RouterConfig(model=model, host=args.get("host", "127.0.0.1"), port=int(args.get("port", 50051)),
-                        **router_args)
+    try:
+        return RouterConfig(model=model, host=args.get("host", "127.0.0.1"), port=int(args.get("port", 50051)),
+                            **router_args)
+    except ConfigError as exc:
+        raise exc.under(join(path, "router")) from None
 
 
 def _torch_threads(value, mode: str, path: str) -> dict[str, int | None]:

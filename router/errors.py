@@ -18,7 +18,8 @@ from services.engine.scheduler import EngineOverloadedError
 from services.types import KVTransferError, PrefillFailedError
 
 log = logging.getLogger("tandem.router")
-MAX_MESSAGE = 512
+MAX_MESSAGE = 512  # characters of a client-facing error message at most
+MAX_SHOWN = 200  # characters of an input value echoed into an error message at most
 
 
 class ErrorKind(enum.Enum):
@@ -42,6 +43,7 @@ class RequestError(Exception):
     """A request that failed: its ``kind`` and a one-line ``message`` for the client."""
 
     def __init__(self, kind: ErrorKind, message: str):
+        message = capped(message, MAX_MESSAGE)
         super().__init__(message)
         self.kind = kind
         self.message = message
@@ -52,6 +54,23 @@ class RequestError(Exception):
         from router.servicer import grpc_status
 
         return grpc_status(self.kind)
+
+
+def capped(text: str, limit: int) -> str:
+    """``text`` itself, or when longer its start + "... (N characters)", ``limit`` characters in all."""
+    if len(text) <= limit:
+        return text
+    suffix = f"... ({len(text)} characters)"
+    return text[:max(limit - len(suffix), 0)] + suffix
+
+
+def shown(value: str, limit: int = MAX_SHOWN) -> str:
+    """An input value as an error message quotes it: ``repr(value)``, or for a value longer than
+    ``limit`` the repr of its first ``limit`` characters + "... (N characters)" (a client's
+    16,000-character model name must not come back whole: grpc caps a status's size)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 def invalid(message: str) -> RequestError:
@@ -68,8 +87,7 @@ def unwrap(exc: BaseException) -> BaseException:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    msg = text[0] if text else type(exc).__name__
-    return msg[:MAX_MESSAGE]
+    return capped(text[0] if text else type(exc).__name__, MAX_MESSAGE)
 
 
 _UNAVAILABLE = (ray_exc.RayActorError, ray_exc.WorkerCrashedError, ray_exc.NodeDiedError,
@@ -99,4 +117,4 @@ def classify(exc: BaseException, request_id: str = "") -> RequestError:
         log.error("request %s: %s", request_id, _first_line(inner))
         return RequestError(ErrorKind.INTERNAL, _first_line(inner))
     log.exception("request %s failed", request_id, exc_info=exc)
-    return RequestError(ErrorKind.INTERNAL, f"internal error while serving request {request_id!r}")
+    return RequestError(ErrorKind.INTERNAL, f"internal error while serving request {shown(request_id)}")

@@ -36,7 +36,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from router.errors import ErrorKind, RequestError, classify, invalid
+from router.errors import ErrorKind, RequestError, classify, invalid, shown
 from router.pipeline import Control
 from router.validation import GenerateInput, RequestValidator
 from services.telemetry import RouterTelemetry
@@ -115,7 +115,7 @@ class RequestLifecycle:
 
     def _admit(self, request_id: str, replica_hint: str) -> Control:
         if request_id in self.inflight:
-            raise invalid(f"request_id: {request_id!r} is already in use")
+            raise invalid(f"request_id: {shown(request_id)} is already in use")
         if len(self.inflight) >= self.limits.max_inflight_requests:
             raise RequestError(ErrorKind.RESOURCE_EXHAUSTED,
                                f"router at its limit of {self.limits.max_inflight_requests} requests in flight")

@@ -9,7 +9,7 @@ the port (SO_REUSEPORT).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,8 +22,10 @@ from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
 from router.pipeline import PrefillDecodePipeline, UnifiedPipeline
 from router.prefix_routing import BalanceConfig
 from router.lifecycle import AdmissionLimits, RequestLifecycle
+from router.request_decoding import DecodingInterceptor
 from router.servicer import AdminServicer, GenerationServicer
 from router.validation import Limits, RequestValidator
+from services.engine.config_parse import ConfigError
 from services.engine.gc_tuning import freeze_startup_objects
 from services.engine.tokenizer import Tokenizer
 from services.telemetry import RouterTelemetry
@@ -41,16 +43,38 @@ class RouterConfig:
     host: str = "127.0.0.1"  # address the gRPC server binds
     port: int = 50051  # gRPC port
     max_inflight_requests: int = 1024  # per router replica; beyond: RESOURCE_EXHAUSTED
-    max_prompt_bytes: int = 1 << 20  # text prompts larger than this: INVALID_ARGUMENT
-    max_message_bytes: int = 64 << 20  # gRPC receive limit (above it the transport rejects the call)
+    max_prompt_bytes: int = Limits.max_prompt_bytes  # text prompts larger than this: INVALID_ARGUMENT
+    max_message_bytes: int = 64 << 20  # gRPC receive limit (above it the transport answers RESOURCE_EXHAUSTED)
+    max_request_bytes: int = 4 << 20  # larger serialized requests: INVALID_ARGUMENT (router/request_decoding.py)
+    max_prompt_token_ids: int = Limits.max_prompt_token_ids  # the other input limits: router/validation.py Limits
+    max_messages: int = Limits.max_messages
+    max_stop_strings: int = Limits.max_stop_strings
+    max_stop_chars: int = Limits.max_stop_chars
+    max_stop_token_ids: int = Limits.max_stop_token_ids
     grace_s: float = 2.0  # how long in-flight streams may finish on shutdown
     prefix_routing: bool = True  # prefill/unified replica by longest cached prefix; False: least load only
+
+    def __post_init__(self) -> None:
+        """ConfigError naming the field (router/app.py puts the YAML path in front)."""
+        for name in ("max_inflight_requests", "max_message_bytes", "max_request_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
+        if self.max_request_bytes > self.max_message_bytes:
+            raise ConfigError("max_request_bytes", f"must be <= max_message_bytes ({self.max_message_bytes}), "
+                                                   f"got {self.max_request_bytes}")
+        self.limits()  # checks the input limits
+
+    def limits(self) -> Limits:
+        """The input limits the request validator enforces."""
+        return Limits(**{f.name: getattr(self, f.name) for f in fields(Limits)})
 
 
 async def start_grpc_server(generation: GenerationServicer, admin: AdminServicer, config: RouterConfig):
     """Bind and start the server with Generation, Admin, Health and reflection; returns (server, health)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", config.max_message_bytes),
-                                      ("grpc.so_reuseport", 1)])
+                                      ("grpc.so_reuseport", 1)],
+                             interceptors=[DecodingInterceptor(config.max_request_bytes)])  # bad bytes: INVALID_ARGUMENT
     pb_grpc.add_GenerationServicer_to_server(generation, server)
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
     health_servicer = health.aio.HealthServicer()
@@ -79,7 +103,7 @@ class Router:
             self.pipeline = PrefillDecodePipeline(prefill, decode, balance)
         self.config = config
         info = await self.pipeline.model_info()
-        validator = RequestValidator(info, Tokenizer(config.model), Limits(config.max_prompt_bytes))
+        validator = RequestValidator(info, Tokenizer(config.model), config.limits())
         # spans from OTEL_*, /metrics on TANDEM_METRICS_PORT (services/telemetry)
         self.telemetry = RouterTelemetry.for_replica(info.model_id, _replica_id())
         lifecycle = RequestLifecycle(self.pipeline, validator, AdmissionLimits(config.max_inflight_requests),

@@ -11,7 +11,8 @@ import dataclasses
 import uuid
 from dataclasses import dataclass, field
 
-from router.errors import ErrorKind, RequestError, invalid
+from router.errors import ErrorKind, RequestError, invalid, shown
+from services.engine.config_parse import ConfigError
 from services.engine.chat_prompt import with_end_of_turn
 from services.engine.chat_template import ChatTemplateError
 from services.engine.sampling_params import SamplingParams
@@ -64,9 +65,21 @@ class GenerateInput:
 
 @dataclass(frozen=True)
 class Limits:
-    """Input limits checked before tokenizing."""
+    """Input limits checked before tokenizing; the router config keys of the same names
+    (router/server.py ``RouterConfig``). Each breach is INVALID_ARGUMENT naming the field and the limit."""
 
-    max_prompt_bytes: int  # UTF-8 bytes of a text prompt at most
+    max_prompt_bytes: int = 1 << 20  # UTF-8 bytes of a text prompt (or of all messages' contents) at most
+    max_prompt_token_ids: int = 1 << 18  # entries of prompt_token_ids at most (the context length also applies)
+    max_messages: int = 1024  # turns of a conversation at most
+    max_stop_strings: int = 16  # entries of sampling.stop at most
+    max_stop_chars: int = 1024  # characters of one stop string at most
+    max_stop_token_ids: int = 256  # entries of sampling.stop_token_ids at most
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f.name, f"must be an integer >= 1, got {value!r}")
 
 
 # the SamplingInput fields that are None when unset (the rest are tuples, () when unset)
@@ -82,7 +95,7 @@ class RequestValidator:
     def check_model(self, model: str) -> None:
         if model and model != self.info.model_id:
             raise RequestError(ErrorKind.NOT_FOUND,
-                               f"model: {model!r} is not served here; served: {self.info.model_id!r}")
+                               f"model: {shown(model)} is not served here; served: {shown(self.info.model_id)}")
 
     def request_id(self, request_id: str) -> str:
         """The client's id, or a new one when it sent none."""
@@ -114,6 +127,7 @@ class RequestValidator:
             return self.chat_ids(request.messages)
         if request.prompt_token_ids:
             ids = list(request.prompt_token_ids)
+            _at_most(len(ids), self.limits.max_prompt_token_ids, "prompt_token_ids", "token ids")
             if len(ids) >= self.info.max_model_len:
                 raise invalid(f"prompt_token_ids: {len(ids)} tokens do not fit the context length "
                               f"of {self.info.max_model_len}")
@@ -127,6 +141,7 @@ class RequestValidator:
         """The token ids of a conversation rendered with the model's chat template."""
         if self.tokenizer.chat_template is None:
             raise invalid("messages: the served model has no chat template; send a prompt instead")
+        _at_most(len(messages), self.limits.max_messages, "messages", "messages")
         for i, m in enumerate(messages):
             if not m.role:
                 raise invalid(f"messages[{i}].role: must not be empty")
@@ -154,8 +169,14 @@ class RequestValidator:
     def sampling(self, s: SamplingInput) -> SamplingParams:
         values = {name: getattr(s, name) for name in OPTIONAL_SAMPLING if getattr(s, name) is not None}
         if s.stop:
+            _at_most(len(s.stop), self.limits.max_stop_strings, "sampling.stop", "stop strings")
+            longest = max(range(len(s.stop)), key=lambda i: len(s.stop[i]))
+            if len(s.stop[longest]) > self.limits.max_stop_chars:
+                raise invalid(f"sampling.stop[{longest}]: {len(s.stop[longest])} characters, more than the limit "
+                              f"of {self.limits.max_stop_chars}")
             values["stop"] = tuple(s.stop)
         if s.stop_token_ids:
+            _at_most(len(s.stop_token_ids), self.limits.max_stop_token_ids, "sampling.stop_token_ids", "token ids")
             bad = next((t for t in s.stop_token_ids if not 0 <= t < self.info.vocab_size), None)
             if bad is not None:
                 raise invalid(f"sampling.stop_token_ids: token id {bad} is outside the vocabulary")
@@ -167,3 +188,8 @@ class RequestValidator:
             return SamplingParams(**values)
         except ValueError as exc:
             raise invalid(f"sampling.{exc}") from None
+
+
+def _at_most(count: int, limit: int, field: str, what: str) -> None:
+    if count > limit:
+        raise invalid(f"{field}: {count} {what}, more than the limit of {limit}")

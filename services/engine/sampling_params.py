@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20
+GREEDY_BELOW = 1e-5  # a temperature below this samples greedily (vLLM's _SAMPLING_EPS): logits / 1e-40 overflow
+SEED_RANGE = (-(1 << 63), 1 << 64)  # what torch.Generator.manual_seed takes: [-2^63, 2^64)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each new token and when to stop.
 
-    ``temperature == 0`` is greedy. Filters apply in the order temperature, top-k, top-p,
-    min-p. Logprobs are always those of the model's raw distribution (log-softmax of the
-    logits), as in vLLM and the OpenAI API.
+    ``temperature == 0`` (or below ``GREEDY_BELOW``) is greedy; every number must be finite
+    (NaN and +-inf are refused). Filters apply in the order temperature, top-k, top-p, min-p.
+    Logprobs are always those of the model's raw distribution (log-softmax of the logits), as
+    in vLLM and the OpenAI API.
     """
 
     max_tokens: int = 16  # new tokens to generate at most (>= 1)
@@ -34,14 +38,15 @@ class SamplingParams:
         _check(_is_int(self.max_tokens) and self.max_tokens >= 1,
                "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
         _check(_is_number(self.temperature) and self.temperature >= 0,
-               "temperature", f"must be >= 0, got {self.temperature!r}")
+               "temperature", f"must be a finite number >= 0, got {self.temperature!r}")
         _check(_is_number(self.top_p) and 0 < self.top_p <= 1,
                "top_p", f"must be in (0, 1], got {self.top_p!r}")
         _check(_is_int(self.top_k) and self.top_k >= -1,
                "top_k", f"must be -1 (off), 0 (off) or a positive integer, got {self.top_k!r}")
         _check(_is_number(self.min_p) and 0 <= self.min_p <= 1,
                "min_p", f"must be in [0, 1], got {self.min_p!r}")
-        _check(self.seed is None or _is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
+        _check(self.seed is None or (_is_int(self.seed) and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]),
+               "seed", f"must be an integer in [-2**63, 2**64), got {self.seed!r}")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                "logprobs", f"must be between 0 and {MAX_LOGPROBS}, got {self.logprobs!r}")
         _check(all(s for s in self.stop), "stop", "stop strings must not be empty")
@@ -49,7 +54,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def max_stop_len(self) -> int:
@@ -66,7 +71,13 @@ def _is_int(x) -> bool:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # rejects NaN
+    """An int or float that is finite as a float (not a bool; NaN, +-inf and ints beyond float's range fail)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _as_tuple(value, name: str, kind: type) -> tuple:
