@@ -19,12 +19,14 @@ from ray import serve
 from protos.tandem.v1 import admin_pb2, admin_pb2_grpc
 from protos.tandem.v1 import generation_pb2 as pb
 from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
+from router.auth import AuthConfig, AuthInterceptor, Authenticator
 from router.pipeline import PrefillDecodePipeline, UnifiedPipeline
 from router.prefix_routing import BalanceConfig
 from router.lifecycle import AdmissionLimits, RequestLifecycle
 from router.servicer import AdminServicer, GenerationServicer
 from router.validation import Limits, RequestValidator
 from services.engine.gc_tuning import freeze_startup_objects
+from services.replica_bind import bind_replica_grpc_to_node_ip
 from services.engine.tokenizer import Tokenizer
 from services.telemetry import RouterTelemetry
 
@@ -47,9 +49,13 @@ class RouterConfig:
     prefix_routing: bool = True  # prefill/unified replica by longest cached prefix; False: least load only
 
 
-async def start_grpc_server(generation: GenerationServicer, admin: AdminServicer, config: RouterConfig):
-    """Bind and start the server with Generation, Admin, Health and reflection; returns (server, health)."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", config.max_message_bytes),
+async def start_grpc_server(generation: GenerationServicer, admin: AdminServicer, config: RouterConfig,
+                            authenticator: Authenticator | None = None):
+    """Bind and start the server with Generation, Admin, Health and reflection; returns (server, health).
+    With ``authenticator`` (API keys on) every call passes router/auth.py's AuthInterceptor."""
+    interceptors = [AuthInterceptor(authenticator)] if authenticator is not None else []
+    server = grpc.aio.server(interceptors=interceptors,
+                             options=[("grpc.max_receive_message_length", config.max_message_bytes),
                                       ("grpc.so_reuseport", 1)])
     pb_grpc.add_GenerationServicer_to_server(generation, server)
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
@@ -72,6 +78,7 @@ async def start_grpc_server(generation: GenerationServicer, admin: AdminServicer
                   health_check_period_s=5, graceful_shutdown_timeout_s=5)
 class Router:
     async def __init__(self, config: RouterConfig, unified=None, prefill=None, decode=None):
+        bind_replica_grpc_to_node_ip()  # Serve's in-replica gRPC server: node IP, not all interfaces
         balance = BalanceConfig(prefix_aware=config.prefix_routing)
         if unified is not None:
             self.pipeline = UnifiedPipeline(unified, balance)
@@ -84,9 +91,11 @@ class Router:
         self.telemetry = RouterTelemetry.for_replica(info.model_id, _replica_id())
         lifecycle = RequestLifecycle(self.pipeline, validator, AdmissionLimits(config.max_inflight_requests),
                                      self.telemetry)  # shared by every protocol adapter
-        self.generation = GenerationServicer(lifecycle)
+        auth = AuthConfig.from_env()  # API keys from TANDEM_*API_KEYS(_FILE) (router/auth.py); none = open
+        authenticator = Authenticator(auth) if auth.enabled else None
+        self.generation = GenerationServicer(lifecycle, authenticator)
         admin = AdminServicer(self.pipeline, lifecycle)
-        self.server, self.health = await start_grpc_server(self.generation, admin, config)
+        self.server, self.health = await start_grpc_server(self.generation, admin, config, authenticator)
         freeze_startup_objects()  # no full GC pass over start-up objects while serving (services/engine/gc_tuning.py)
 
     async def worker_stats(self):
