@@ -124,18 +124,13 @@ def start_local_ray(*, num_cpus: int = 16, dashboard: bool = False, node_ip: str
     (``router.ray_auth``: Ray's own first write races with a second first start). A GCS that
     fails to start raises with its own log line. ``RAY_ENV_DEFAULTS`` are put into this
     process's environment (unless set), which the head's processes inherit. A loopback
-    ``node_ip`` needs ``loopback_environment`` before this process first imported ``ray``
-    (``tandem serve`` calls it first thing); otherwise this raises rather than start a head
-    listening on the machine's address.
+    ``node_ip`` stays loopback (``loopback_environment``, which ``tandem serve`` calls before
+    anything imports ``ray``) unless the operator set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1.
     """
     loopback_environment(node_ip)
     import ray
-    from ray._private import ray_constants
 
-    if is_loopback(node_ip) and ray_constants.ENABLE_RAY_CLUSTER:
-        raise RuntimeError(f"ray was imported with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER={env.ray_enable_cluster()!r}: "
-                           f"Ray would replace node IP {node_ip} by this machine's address and listen there; "
-                           "call router.launcher.loopback_environment() before the first `import ray`")
+    _keep_loopback_in_this_process(node_ip)
     env.set_defaults(RAY_ENV_DEFAULTS)
     if env.ray_auth_mode() != "token":
         log.warning("RAY_AUTH_MODE=%s: token authentication is off", env.ray_auth_mode())
@@ -149,6 +144,21 @@ def start_local_ray(*, num_cpus: int = 16, dashboard: bool = False, node_ip: str
         if reason is None:
             raise
         raise RuntimeError(f"{exc}\n{reason}") from exc
+
+
+def _keep_loopback_in_this_process(node_ip: str) -> None:
+    """When ``ray`` was imported before ``loopback_environment`` (e.g. by a benchmark's imports),
+    its flag was read as Ray's default: set it as the variable now says (the head's processes
+    read the variable themselves). An operator's own true value wins, with a warning."""
+    from ray._private import ray_constants
+
+    if not (is_loopback(node_ip) and ray_constants.ENABLE_RAY_CLUSTER):
+        return
+    if env.ray_enable_cluster().lower() in ("1", "true"):
+        log.warning("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=%s: Ray replaces node IP %s by this machine's address "
+                    "and its processes listen there", env.ray_enable_cluster(), node_ip)
+        return
+    ray_constants.ENABLE_RAY_CLUSTER = False  # what RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 sets at import
 
 
 def gcs_exit_reason(message: str) -> str | None:
