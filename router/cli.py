@@ -82,6 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from router import launcher
 
+    launcher.loopback_environment(args.node_ip_address)  # before anything imports ray (launcher.validate does)
     config_file = Path(args.config) if args.config else DEPLOY_DIR / "local.yaml"
     if not config_file.is_file():
         print(f"tandem serve: config {config_file} not found", file=sys.stderr)
@@ -92,8 +93,9 @@ def _serve(args: argparse.Namespace) -> int:
     launcher.validate(config)  # a bad value fails here, naming its YAML path, before Redis or Ray start
     from services.prefix_store.server import redis_for_serve
 
-    configured = (config["applications"][0].get("args", {}).get("prefix_store") or {}).get("url")
-    redis, store_args, note = redis_for_serve(args.redis_url or configured, args.no_redis, args.redis_maxmemory)
+    store = config["applications"][0].get("args", {}).get("prefix_store") or {}  # password_env / _file kept
+    redis, store_args, note = redis_for_serve(args.redis_url or store.get("url"), args.no_redis, args.redis_maxmemory,
+                                              store)
     config = launcher.patch_config(config, overrides={"prefix_store": store_args})
     print(f"tandem serve: {note}", flush=True)
     stop = threading.Event()
@@ -104,9 +106,10 @@ def _serve(args: argparse.Namespace) -> int:
         stop.set()
 
     serving = threading.Event()
-    print(f"tandem serve: starting Ray (127.0.0.1, token auth, no dashboard) and {config_file.name} ...", flush=True)
+    print(f"tandem serve: starting Ray ({args.node_ip_address}, token auth, no dashboard) and {config_file.name} ...",
+          flush=True)
     try:
-        launcher.start_local_ray(num_cpus=args.num_cpus)
+        launcher.start_local_ray(num_cpus=args.num_cpus, node_ip=args.node_ip_address)
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
             signal.signal(sig, on_signal)
         address = launcher.deploy(config, timeout_s=args.timeout)
@@ -246,9 +249,12 @@ def build_parser(entry_points: list[metadata.EntryPoint] | None = None) -> argpa
     sv.add_argument("--model", help="checkpoint folder or model name (default: smollm2 when installed, else the embedded model)")
     sv.add_argument("--port", type=int, default=None, help="gRPC port (default: the config's, 50051)")
     sv.add_argument("--num-cpus", type=int, default=16, help="logical CPUs of the local Ray head")
+    sv.add_argument("--node-ip-address", default="127.0.0.1", help="address every Ray process of the head listens "
+                    "on (default: loopback; the router's own address is the config's args.host)")
     sv.add_argument("--timeout", type=float, default=600, help="seconds to wait for the app to be ready")
     sv.add_argument("--redis-url", help="Redis of the prefix cache: redis://[user@]host:port or rediss:// (TLS); "
-                    "password from $TANDEM_REDIS_PASSWORD (default: start a local redis-server)")
+                    "password from $TANDEM_REDIS_PASSWORD (default: start a local redis-server on 127.0.0.1, "
+                    "which requires that password when it is set)")
     sv.add_argument("--no-redis", action="store_true", help="prefix cache in each worker's memory only")
     sv.add_argument("--redis-maxmemory", default="512mb", help="maxmemory of the local redis-server (allkeys-lru)")
     sv.set_defaults(handler=_serve)

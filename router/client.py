@@ -1,4 +1,7 @@
-"""A small client of the tandem.v1 API: stream one completion, or a chat, to a terminal."""
+"""A small client of the tandem.v1 API: stream one completion, or a chat, to a terminal.
+
+Every call carries ``authorization: Bearer $TANDEM_API_KEY`` when that variable is set (a
+router with API keys on refuses calls without one: router/auth.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,13 @@ import grpc
 
 from protos.tandem.v1 import generation_pb2 as pb
 from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
+from services.engine import env
+
+
+def call_metadata() -> tuple[tuple[str, str], ...]:
+    """The metadata of every call: the API key from TANDEM_API_KEY, if set."""
+    key = env.client_api_key()
+    return (("authorization", f"Bearer {key}"),) if key else ()
 
 
 def _usage_line(last: pb.GenerateResponse) -> str:
@@ -24,7 +34,8 @@ def stream_completion(address: str, prompt: str, sampling: pb.SamplingParams, ou
         stub = pb_grpc.GenerationStub(channel)
         print(prompt, end="", flush=True, file=out)
         last = None
-        for last in stub.Generate(pb.GenerateRequest(prompt=prompt, sampling=sampling), timeout=timeout):
+        for last in stub.Generate(pb.GenerateRequest(prompt=prompt, sampling=sampling), timeout=timeout,
+                                  metadata=call_metadata()):
             print(last.text, end="", flush=True, file=out)
         print("\n" + _usage_line(last), file=out)
         return last
@@ -35,7 +46,8 @@ def stream_reply(stub: pb_grpc.GenerationStub, messages: list[pb.ChatMessage], s
     """Send a conversation (``GenerateRequest.messages``), print the assistant's reply as it
     streams; return (the reply's text, the last response)."""
     parts, last = [], None
-    for last in stub.Generate(pb.GenerateRequest(messages=messages, sampling=sampling), timeout=timeout):
+    for last in stub.Generate(pb.GenerateRequest(messages=messages, sampling=sampling), timeout=timeout,
+                                  metadata=call_metadata()):
         parts.append(last.text)
         print(last.text, end="", flush=True, file=out)
     print(file=out)

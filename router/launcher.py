@@ -7,6 +7,7 @@ files the way ``serve run`` does (``ServeDeploySchema`` -> ``deploy_apps``).
 from __future__ import annotations
 
 import copy
+import ipaddress
 import logging
 import re
 import time
@@ -86,33 +87,78 @@ def app_address(config: dict) -> str:
 # machine), at 0.5 s idle use fell from 0.81 to 0.38 CPU-s per 20 s. Autoscaling decisions
 # and replica replacement react at most 0.4 s later.
 RAY_ENV_DEFAULTS = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
+# Keeps a loopback node IP loopback (loopback_environment); must be set before `import ray`.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
-def start_local_ray(*, num_cpus: int = 16, dashboard: bool = False, **options):
-    """A fresh single-node Ray head bound to loopback (logical CPUs: Serve asks 1 per replica).
+def loopback_environment(node_ip: str = LOOPBACK) -> None:
+    """Before ``ray`` is first imported in this process: when ``node_ip`` is a loopback address,
+    make Ray keep it (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, unless the operator set it).
+
+    Why (measured, Ray 2.60, 2026-12-03): on Linux ``ray.init(_node_ip_address="127.0.0.1")``
+    replaces a loopback address by the machine's outward one (``resolve_ip_for_localhost``),
+    and every Ray process then binds that address or all interfaces (GCS, raylet, each core
+    worker on ``::``; the dashboard agent, the autoscaler's and the dashboard's Prometheus
+    endpoints on ``0.0.0.0``). Ray reads the variable once, when ``ray`` is imported, in every
+    process; set here, the head's processes inherit it.
+    """
+    if is_loopback(node_ip):
+        env.set_defaults(LOOPBACK_ENV)
+
+
+def is_loopback(node_ip: str) -> bool:
+    """Whether ``node_ip`` is a loopback address (ValueError naming it when it is no IP address)."""
+    try:
+        return ipaddress.ip_address(node_ip).is_loopback
+    except ValueError:
+        raise ValueError(f"node_ip: must be an IP address (e.g. 127.0.0.1), got {node_ip!r}") from None
+
+
+def start_local_ray(*, num_cpus: int = 16, dashboard: bool = False, node_ip: str = LOOPBACK, **options):
+    """A fresh single-node Ray head whose processes all listen on ``node_ip`` (default loopback;
+    logical CPUs: Serve asks 1 per replica).
 
     Token authentication is on: Ray 2.60 enables it for a new local cluster unless
     ``RAY_AUTH_MODE`` says otherwise (it is read when ``ray`` is imported, so it can only be
     changed from the environment of this process). The token is made before ``ray.init``
     (``router.ray_auth``: Ray's own first write races with a second first start). A GCS that
     fails to start raises with its own log line. ``RAY_ENV_DEFAULTS`` are put into this
-    process's environment (unless set), which the head's processes inherit.
+    process's environment (unless set), which the head's processes inherit. A loopback
+    ``node_ip`` stays loopback (``loopback_environment``, which ``tandem serve`` calls before
+    anything imports ``ray``) unless the operator set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1.
     """
+    loopback_environment(node_ip)
     import ray
 
+    _keep_loopback_in_this_process(node_ip)
     env.set_defaults(RAY_ENV_DEFAULTS)
     if env.ray_auth_mode() != "token":
         log.warning("RAY_AUTH_MODE=%s: token authentication is off", env.ray_auth_mode())
     elif ray_auth.ensure_auth_token():  # before ray.init, which would write it non-atomically
         log.info("wrote a new Ray authentication token to %s", ray_auth.default_token_path())
     try:
-        return ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=dashboard,
-                        num_cpus=num_cpus, namespace="serve", **options)
+        return ray.init(address="local", _node_ip_address=node_ip, include_dashboard=dashboard,
+                        dashboard_host=node_ip, num_cpus=num_cpus, namespace="serve", **options)
     except Exception as exc:
         reason = gcs_exit_reason(str(exc))
         if reason is None:
             raise
         raise RuntimeError(f"{exc}\n{reason}") from exc
+
+
+def _keep_loopback_in_this_process(node_ip: str) -> None:
+    """When ``ray`` was imported before ``loopback_environment`` (e.g. by a benchmark's imports),
+    its flag was read as Ray's default: set it as the variable now says (the head's processes
+    read the variable themselves). An operator's own true value wins, with a warning."""
+    from ray._private import ray_constants
+
+    if not (is_loopback(node_ip) and ray_constants.ENABLE_RAY_CLUSTER):
+        return
+    if env.ray_enable_cluster().lower() in ("1", "true"):
+        log.warning("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=%s: Ray replaces node IP %s by this machine's address "
+                    "and its processes listen there", env.ray_enable_cluster(), node_ip)
+        return
+    ray_constants.ENABLE_RAY_CLUSTER = False  # what RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 sets at import
 
 
 def gcs_exit_reason(message: str) -> str | None:

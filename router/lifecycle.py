@@ -8,7 +8,13 @@ A protocol adapter (gRPC: router/servicer.py) turns its request into a ``Generat
         ...                                   # live.usage, live.routed: for the last message
     # failures raise RequestError (an ErrorKind + a message); the adapter maps the kind
 
-and ``lifecycle.abort(request_id)`` for a client's abort. Order inside ``stream``:
+and ``lifecycle.abort(request_id)`` for a client's abort.
+
+Owners: with API keys on (router/auth.py) every request has an owner, its caller's key
+fingerprint (``start(request, owner)``; "" when keys are off). Request ids are scoped by
+owner: a duplicate id is one of the same owner's requests in flight (so "already in use"
+never tells a caller about another's ids), ``abort(request_id, owner)`` finds only the
+owner's own requests, and the workers see the id as ``<owner>/<id>`` (unique across owners). Order inside ``stream``:
 request id (the client's, or generated; at most 256 characters) -> validation and
 tokenization -> duplicate id (INVALID_ARGUMENT "already in use") -> admission
 (``max_inflight_requests``, RESOURCE_EXHAUSTED) -> the pipeline (router/pipeline.py).
@@ -76,7 +82,7 @@ class RequestLifecycle:
         self.validator = validator
         self.limits = limits
         self.telemetry = telemetry or RouterTelemetry(Identity(validator.info.model_id, "router", "local"))
-        self.inflight: dict[str, Control] = {}  # request id -> its control, from admission to the end
+        self.inflight: dict[tuple[str, str], Control] = {}  # (owner, request id) -> its control, admission to end
 
     @property
     def info(self) -> ModelInfo:
@@ -86,13 +92,14 @@ class RequestLifecycle:
     def num_inflight(self) -> int:
         return len(self.inflight)
 
-    def start(self, request: GenerateInput) -> "LiveRequest":
-        """Begin a request (its telemetry starts now); iterate ``stream()`` to run it."""
-        return LiveRequest(self, request)
+    def start(self, request: GenerateInput, owner: str = "") -> "LiveRequest":
+        """Begin ``owner``'s request (its telemetry starts now); iterate ``stream()`` to run it."""
+        return LiveRequest(self, request, owner)
 
-    def abort(self, request_id: str) -> bool:
-        """End a request in flight with finish_reason "abort"; False when none has that id."""
-        ctl = self.inflight.get(request_id)
+    def abort(self, request_id: str, owner: str = "") -> bool:
+        """End ``owner``'s request in flight with finish_reason "abort"; False when ``owner`` has
+        none of that id (another owner's request of that id is left alone)."""
+        ctl = self.inflight.get((owner, request_id))
         if ctl is None:
             return False
         ctl.abort()
@@ -113,27 +120,29 @@ class RequestLifecycle:
             return await asyncio.to_thread(build, request, request_id, request.deadline, traceparent)
         return build(request, request_id, request.deadline, traceparent)
 
-    def _admit(self, request_id: str, replica_hint: str) -> Control:
-        if request_id in self.inflight:
+    def _admit(self, key: tuple[str, str], replica_hint: str) -> Control:
+        owner, request_id = key
+        if key in self.inflight:
             raise invalid(f"request_id: {shown(request_id)} is already in use")
         if len(self.inflight) >= self.limits.max_inflight_requests:
             raise RequestError(ErrorKind.RESOURCE_EXHAUSTED,
                                f"router at its limit of {self.limits.max_inflight_requests} requests in flight")
-        ctl = self.inflight[request_id] = Control(replica_hint)
+        ctl = self.inflight[key] = Control(replica_hint)
         return ctl
 
-    def _release(self, request_id: str, ctl: Control) -> None:
+    def _release(self, key: tuple[str, str], ctl: Control) -> None:
         ctl.cancel()
-        if self.inflight.get(request_id) is ctl:
-            del self.inflight[request_id]
+        if self.inflight.get(key) is ctl:
+            del self.inflight[key]
 
 
 class LiveRequest:
     """One request between ``RequestLifecycle.start`` and the end of its ``stream``."""
 
-    def __init__(self, lifecycle: RequestLifecycle, request: GenerateInput):
+    def __init__(self, lifecycle: RequestLifecycle, request: GenerateInput, owner: str = ""):
         self._lifecycle = lifecycle
         self.request = request
+        self.owner = owner  # the caller's key fingerprint ("" = keys off); scopes the id
         self.request_id = request.request_id or "?"  # the validated / generated id once stream() started
         self.usage = Usage()
         self._ctl: Control | None = None
@@ -157,8 +166,9 @@ class LiveRequest:
         obs, lifecycle = self.obs, self._lifecycle
         try:
             self.request_id = lifecycle.validator.request_id(self.request.request_id)
-            call = await lifecycle._build(self.request, self.request_id, obs.traceparent)
-            ctl = self._ctl = lifecycle._admit(self.request_id, self.request.replica_hint)
+            worker_id = f"{self.owner}/{self.request_id}" if self.owner else self.request_id
+            call = await lifecycle._build(self.request, worker_id, obs.traceparent)
+            ctl = self._ctl = lifecycle._admit((self.owner, self.request_id), self.request.replica_hint)
             self._arm_deadline()
             self.usage.prompt_tokens = len(call.prompt_token_ids)
             obs.dispatched(call)
@@ -190,7 +200,7 @@ class LiveRequest:
             if self._timer is not None:
                 self._timer.cancel()
             if self._ctl is not None:
-                lifecycle._release(self.request_id, self._ctl)
+                lifecycle._release((self.owner, self.request_id), self._ctl)
 
     def _abort_chunk(self) -> StreamChunk:
         u = self.usage

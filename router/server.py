@@ -19,6 +19,7 @@ from ray import serve
 from protos.tandem.v1 import admin_pb2, admin_pb2_grpc
 from protos.tandem.v1 import generation_pb2 as pb
 from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
+from router.auth import AuthConfig, AuthInterceptor, Authenticator
 from router.pipeline import PrefillDecodePipeline, UnifiedPipeline
 from router.prefix_routing import BalanceConfig
 from router.lifecycle import AdmissionLimits, RequestLifecycle
@@ -27,6 +28,7 @@ from router.servicer import AdminServicer, GenerationServicer
 from router.validation import Limits, RequestValidator
 from services.engine.config_parse import ConfigError
 from services.engine.gc_tuning import freeze_startup_objects
+from services.replica_bind import bind_replica_grpc_to_node_ip
 from services.engine.tokenizer import Tokenizer
 from services.telemetry import RouterTelemetry
 
@@ -70,11 +72,17 @@ class RouterConfig:
         return Limits(**{f.name: getattr(self, f.name) for f in fields(Limits)})
 
 
-async def start_grpc_server(generation: GenerationServicer, admin: AdminServicer, config: RouterConfig):
-    """Bind and start the server with Generation, Admin, Health and reflection; returns (server, health)."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", config.max_message_bytes),
-                                      ("grpc.so_reuseport", 1)],
-                             interceptors=[DecodingInterceptor(config.max_request_bytes)])  # bad bytes: INVALID_ARGUMENT
+async def start_grpc_server(generation: GenerationServicer, admin: AdminServicer, config: RouterConfig,
+                            authenticator: Authenticator | None = None):
+    """Bind and start the server with Generation, Admin, Health and reflection; returns (server, health).
+    Every call passes the DecodingInterceptor (bad bytes: INVALID_ARGUMENT); with ``authenticator``
+    (API keys on) router/auth.py's AuthInterceptor first, so a caller without a key is refused
+    before its bytes are parsed."""
+    interceptors = [AuthInterceptor(authenticator)] if authenticator is not None else []
+    interceptors.append(DecodingInterceptor(config.max_request_bytes))
+    server = grpc.aio.server(interceptors=interceptors,
+                             options=[("grpc.max_receive_message_length", config.max_message_bytes),
+                                      ("grpc.so_reuseport", 1)])
     pb_grpc.add_GenerationServicer_to_server(generation, server)
     admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
     health_servicer = health.aio.HealthServicer()
@@ -96,6 +104,7 @@ async def start_grpc_server(generation: GenerationServicer, admin: AdminServicer
                   health_check_period_s=5, graceful_shutdown_timeout_s=5)
 class Router:
     async def __init__(self, config: RouterConfig, unified=None, prefill=None, decode=None):
+        bind_replica_grpc_to_node_ip()  # Serve's in-replica gRPC server: node IP, not all interfaces
         balance = BalanceConfig(prefix_aware=config.prefix_routing)
         if unified is not None:
             self.pipeline = UnifiedPipeline(unified, balance)
@@ -108,9 +117,11 @@ class Router:
         self.telemetry = RouterTelemetry.for_replica(info.model_id, _replica_id())
         lifecycle = RequestLifecycle(self.pipeline, validator, AdmissionLimits(config.max_inflight_requests),
                                      self.telemetry)  # shared by every protocol adapter
-        self.generation = GenerationServicer(lifecycle)
+        auth = AuthConfig.from_env()  # API keys from TANDEM_*API_KEYS(_FILE) (router/auth.py); none = open
+        authenticator = Authenticator(auth) if auth.enabled else None
+        self.generation = GenerationServicer(lifecycle, authenticator)
         admin = AdminServicer(self.pipeline, lifecycle)
-        self.server, self.health = await start_grpc_server(self.generation, admin, config)
+        self.server, self.health = await start_grpc_server(self.generation, admin, config, authenticator)
         freeze_startup_objects()  # no full GC pass over start-up objects while serving (services/engine/gc_tuning.py)
 
     async def worker_stats(self):

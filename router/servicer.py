@@ -15,6 +15,7 @@ import grpc
 from protos.tandem.v1 import admin_pb2, admin_pb2_grpc
 from protos.tandem.v1 import generation_pb2 as pb
 from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
+from router.auth import Authenticator
 from router.errors import ErrorKind, RequestError, classify
 from router.lifecycle import LiveRequest, RequestLifecycle, Usage
 from router.validation import OPTIONAL_SAMPLING, ChatMessage, GenerateInput, SamplingInput
@@ -96,13 +97,21 @@ def _set_routed(context: grpc.aio.ServicerContext, live: LiveRequest) -> None:
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, lifecycle: RequestLifecycle):
+    def __init__(self, lifecycle: RequestLifecycle, authenticator: Authenticator | None = None):
         self.lifecycle = lifecycle
+        self.authenticator = authenticator  # router/auth.py: names the caller (owner of its requests)
+
+    def _owner(self, context) -> str:
+        """The caller's key fingerprint ("" when API keys are off): scopes request ids and Abort."""
+        if self.authenticator is None:
+            return ""
+        return self.authenticator.identity(context.invocation_metadata() or ())
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         remaining = context.time_remaining()
         deadline = time.time() + remaining if remaining is not None else None
-        live = self.lifecycle.start(generate_input(request, deadline, context.invocation_metadata() or ()))
+        live = self.lifecycle.start(generate_input(request, deadline, context.invocation_metadata() or ()),
+                                    self._owner(context))
         context.set_trailing_metadata(live.trace_metadata)  # x-trace-id, also on errors
         try:
             async with aclosing(live.stream()) as chunks:
@@ -126,7 +135,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return msg
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
-        return pb.AbortResponse(found=self.lifecycle.abort(request.request_id))
+        return pb.AbortResponse(found=self.lifecycle.abort(request.request_id, self._owner(context)))
 
     async def GetModelInfo(self, request, context) -> pb.ModelInfo:
         info = self.lifecycle.info

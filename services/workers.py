@@ -32,6 +32,7 @@ from services.engine.plugins import HostDeps
 from services.engine.scheduler import EngineOverloadedError
 from services.routing_report import routing_stats
 from services.prefix_store.tier import PrefixCacheTier
+from services.replica_bind import bind_replica_grpc_to_node_ip
 from services.serving_engine import ServingEngine
 from services.stream_channel import ChannelHub
 from services.telemetry import WorkerTelemetry, traced_stream
@@ -55,6 +56,7 @@ class EngineWorker:
     """One engine replica (see module docstring for the roles)."""
 
     def __init__(self, config: WorkerConfig):
+        bind_replica_grpc_to_node_ip()  # Serve's in-replica gRPC server: node IP, not all interfaces
         self.config = config
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1): torch would use one core only.
         torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)

@@ -49,6 +49,16 @@ VARIABLES: tuple[Variable, ...] = (
              "port is taken) take the first free port of 9465..9496"),
     Variable("TANDEM_REDIS_PASSWORD", None, "tandem", "AUTH password of the Redis prefix store (unset: no AUTH); "
              "the variable's name is prefix_store.password_env, prefix_store.password_file wins", secret=True),
+    Variable("TANDEM_API_KEYS", None, "tandem", "API keys the router accepts on the Generation service "
+             "(`authorization: Bearer KEY` metadata), comma-separated; unset (and no TANDEM_API_KEYS_FILE): "
+             "no authentication (router/auth.py)", secret=True),
+    Variable("TANDEM_API_KEYS_FILE", None, "tandem", "file of API keys, one per line (# comments); "
+             "read with TANDEM_API_KEYS (both count)"),
+    Variable("TANDEM_ADMIN_API_KEYS", None, "tandem", "keys of the Admin service, comma-separated; when API "
+             "keys are on and no admin key is set, Admin refuses every call", secret=True),
+    Variable("TANDEM_ADMIN_API_KEYS_FILE", None, "tandem", "file of Admin keys, one per line"),
+    Variable("TANDEM_API_KEY", None, "tandem", "the key `tandem generate` / `tandem chat` send "
+             "(router/client.py); unset: none", secret=True),
     Variable("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", None, "otel", "OTLP/gRPC collector for spans (wins over "
              "OTEL_EXPORTER_OTLP_ENDPOINT); tracing is off when neither is set"),
     Variable("OTEL_EXPORTER_OTLP_ENDPOINT", None, "otel", "OTLP/gRPC collector (all signals)"),
@@ -60,6 +70,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("OTEL_SERVICE_NAME", "tandem", "otel", "service.name resource attribute of every span"),
     Variable("RAY_AUTH_MODE", "token", "ray", "read by Ray when imported; Ray 2.60 turns token authentication "
              "on for a new local cluster; tandem serve warns when it is anything but token"),
+    Variable("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0", "ray", "read by Ray when imported; set to 0 by "
+             "router/launcher.py (loopback_environment, with the measurement) unless set, so that a loopback node "
+             "IP stays loopback and every Ray process listens on 127.0.0.1 (Ray's own default on Linux, 1, "
+             "replaces it by the machine's address)"),
     Variable("RAY_SERVE_USE_GRPC_BY_DEFAULT", "0", "ray", "Serve's gRPC transport between replicas; "
              "kv_transfer ray warns when on (it pins every KV payload: a memory leak)"),
     Variable("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0", "ray", "turns on RAY_SERVE_USE_GRPC_BY_DEFAULT among "
@@ -145,6 +159,18 @@ def secret(name: str, environ: Environ | None = None) -> str | None:
     return _environ(environ).get(name) or None
 
 
+def api_keys(admin: bool = False, environ: Environ | None = None) -> tuple[str, str | None]:
+    """(TANDEM_API_KEYS, TANDEM_API_KEYS_FILE), or the TANDEM_ADMIN_* pair: the raw key list
+    ("" when unset; a secret) and the key file's path (None when unset). router/auth.py parses them."""
+    prefix = "TANDEM_ADMIN_API_KEYS" if admin else "TANDEM_API_KEYS"
+    return _environ(environ).get(prefix) or "", _raw(f"{prefix}_FILE", environ)
+
+
+def client_api_key(environ: Environ | None = None) -> str | None:
+    """TANDEM_API_KEY: the key a client sends (stripped; None when unset or empty)."""
+    return (_environ(environ).get("TANDEM_API_KEY") or "").strip() or None
+
+
 # ---- OpenTelemetry's, read by Tandem -----------------------------------------------------------
 def otlp_traces_endpoint(environ: Environ | None = None) -> str | None:
     """OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT (the spec's order); None
@@ -192,6 +218,11 @@ def service_name(environ: Environ | None = None) -> str:
 def ray_auth_mode(environ: Environ | None = None) -> str:
     """RAY_AUTH_MODE, lower-cased (Ray parses it; Tandem only warns when it is not ``token``)."""
     return _raw("RAY_AUTH_MODE", environ).lower()
+
+
+def ray_enable_cluster(environ: Environ | None = None) -> str:
+    """RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER as set (Ray parses it; "" when unset)."""
+    return (_environ(environ).get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") or "").strip()
 
 
 def serve_grpc_transport(environ: Environ | None = None) -> list[str]:

@@ -65,10 +65,12 @@ def environment(**values):
 
 
 @contextmanager
-def tandem_serve(model: str | None, port: int, log: Path, *extra: str, timeout_s: float = 180):
+def tandem_serve(model: str | None, port: int, log: Path, *extra: str, timeout_s: float = 180,
+                 env: dict[str, str] | None = None):
     """Run ``tandem serve --config deploy/local.yaml`` as a child process (own session) until it
     prints "serving" (and the line after it); yield the process; kill its process group if it is
-    still running at the end. ``model=None``: no --model (the default model)."""
+    still running at the end. ``model=None``: no --model (the default model). ``env``: the
+    child's whole environment (default: this process's)."""
     import signal
     import subprocess
     import sys
@@ -76,7 +78,7 @@ def tandem_serve(model: str | None, port: int, log: Path, *extra: str, timeout_s
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--config", str(DEPLOY / "local.yaml"),
                                  *(["--model", model] if model else []), "--port", str(port), *extra], stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         end = time.monotonic() + timeout_s
         while "  try: " not in log.read_text():
@@ -86,8 +88,16 @@ def tandem_serve(model: str | None, port: int, log: Path, *extra: str, timeout_s
         yield proc
     finally:
         if proc.poll() is None:
+            from tests.integration.listeners import descendants
+
+            below = descendants(proc.pid) - {proc.pid}  # redis-server and Ray's daemons have their own sessions
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            for pid in below:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
 
 # ---- gRPC helpers ------------------------------------------------------------------------
