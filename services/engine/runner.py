@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from services.engine.kv_cache import KVCacheManager
+from services.engine.malloc import huge_page_empty
 from services.engine.model.attention import (AttentionMetadata, PrefillSlice, causal_mask, decode_mask,
                                              kv_cache_shape, read_blocks, write_blocks)
 from services.engine.request import Request
@@ -33,6 +34,17 @@ def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head
     return num_layers * 2 * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def kv_cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One layer's zeroed KV cache; on CPU on 2 MiB pages (malloc.huge_page_empty): a decode step
+    reads every sequence's blocks from all over the pool, and on 4 KiB pages each block is a TLB
+    miss. Measured, decode attention of 32 sequences of 150-200 tokens over SmolLM2's 30 layers
+    (9 / 3 heads, head_dim 64, 1,024-block pools; /tmp/p15/att.py, AMD EPYC Zen 4, 2 cores, quiet,
+    2026-12-03 01:11 UTC, best of 15, two alternating pairs): 24.9 / 24.7 ms -> 22.0 / 21.8 ms."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return huge_page_empty(shape, dtype).zero_()
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv: KVCacheManager, num_blocks: int,
                  device: torch.device, dtype: torch.dtype, sampler: Sampler):
@@ -46,7 +58,7 @@ class ModelRunner:
         self.sampler = sampler
         shape = kv_cache_shape(num_blocks, kv.block_size, cfg.num_kv_heads, cfg.head_dim)
         # zeros, not empty: masked decode reads padding blocks, which must hold finite values
-        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.kv_caches = [kv_cache_zeros(shape, dtype, device) for _ in range(cfg.num_layers)]
         self.mask_dtype = dtype
         # the CPU kernels' decode attention reads seq_lens, not the additive mask (use_cpu_kernels)
         self.decode_mask_needed = getattr(model, "decode_mask_needed", True)
