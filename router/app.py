@@ -16,7 +16,8 @@
                                 #   (cache, scheduler, experts, speculative, quantization)
     prefill_engine: {...}       # overrides for PrefillWorker (pd mode)
     decode_engine: {...}        # overrides for DecodeWorker (pd mode)
-    router: {max_inflight_requests: N, max_prompt_bytes: N, prefix_routing: true}  # false: least load only
+    router: {max_inflight_requests: N, max_prompt_bytes: N, prefix_routing: true,  # false: least load only
+             max_migrations: 2}  # a stream moves on at most this often when its replica dies (router/migration.py)
     prefix_store: {url: redis://127.0.0.1:6379, ttl_s: 3600, timeout_s: 0.5, ...}
                                 # Redis tier of the prefix cache (services/prefix_store/config.py);
                                 # absent or null = local tier only
@@ -30,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from router.migration import MigrationConfig
 from router.replica_router import request_router_config
 from router.server import Router, RouterConfig
 from services.config import WorkerConfig
@@ -41,7 +43,8 @@ from services.prefix_store.config import PrefixStoreConfig
 from services.workers import DecodeWorker, PrefillWorker, UnifiedWorker
 
 MODES = ("unified", "pd")
-_ROUTER_KEYS = ("max_inflight_requests", "max_prompt_bytes", "max_message_bytes", "grace_s", "prefix_routing")
+_ROUTER_KEYS = ("max_inflight_requests", "max_prompt_bytes", "max_message_bytes", "grace_s", "prefix_routing",
+                "max_migrations")
 _KEYS = ("mode", "model", "model_id", "host", "port", "kv_transfer", "engine", "prefill_engine", "decode_engine",
          "router", "torch_threads", "prefix_store")
 
@@ -97,8 +100,13 @@ def _router_config(args: dict, model: str, path: str) -> RouterConfig:
     bad = sorted(set(router_args) - set(_ROUTER_KEYS))
     if bad:
         raise ConfigError(join(path, "router"), f"unknown key(s) {bad}; known: {list(_ROUTER_KEYS)}")
-    return RouterConfig(model=model, host=args.get("host", "127.0.0.1"), port=int(args.get("port", 50051)),
-                        **router_args)
+    config = RouterConfig(model=model, host=args.get("host", "127.0.0.1"), port=int(args.get("port", 50051)),
+                          **router_args)
+    try:
+        MigrationConfig(config.max_migrations)
+    except ValueError as exc:
+        raise ConfigError(join(path, "router"), str(exc)) from None
+    return config
 
 
 def _torch_threads(value, mode: str, path: str) -> dict[str, int | None]:

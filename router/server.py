@@ -22,6 +22,7 @@ from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
 from router.pipeline import PrefillDecodePipeline, UnifiedPipeline
 from router.prefix_routing import BalanceConfig
 from router.lifecycle import AdmissionLimits, RequestLifecycle
+from router.migration import MigrationConfig
 from router.servicer import AdminServicer, GenerationServicer
 from router.validation import Limits, RequestValidator
 from services.engine.gc_tuning import freeze_startup_objects
@@ -45,6 +46,7 @@ class RouterConfig:
     max_message_bytes: int = 64 << 20  # gRPC receive limit (above it the transport rejects the call)
     grace_s: float = 2.0  # how long in-flight streams may finish on shutdown
     prefix_routing: bool = True  # prefill/unified replica by longest cached prefix; False: least load only
+    max_migrations: int = 2  # per request: moves to another replica after its replica died (router/migration.py)
 
 
 async def start_grpc_server(generation: GenerationServicer, admin: AdminServicer, config: RouterConfig):
@@ -83,7 +85,7 @@ class Router:
         # spans from OTEL_*, /metrics on TANDEM_METRICS_PORT (services/telemetry)
         self.telemetry = RouterTelemetry.for_replica(info.model_id, _replica_id())
         lifecycle = RequestLifecycle(self.pipeline, validator, AdmissionLimits(config.max_inflight_requests),
-                                     self.telemetry)  # shared by every protocol adapter
+                                     self.telemetry, MigrationConfig(config.max_migrations))  # every adapter's
         self.generation = GenerationServicer(lifecycle)
         admin = AdminServicer(self.pipeline, lifecycle)
         self.server, self.health = await start_grpc_server(self.generation, admin, config)
