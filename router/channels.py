@@ -25,6 +25,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+from collections.abc import Set as AbstractSet
 
 from router.errors import unwrap
 from router.prefix_routing import BalanceConfig, ReplicaView, choose_replica, unpack_keys
@@ -136,12 +137,13 @@ class WorkerDispatch:
         self._rotation = itertools.count()
 
     # ---- replica choice ------------------------------------------------------------------
-    async def replicas(self) -> list[ReplicaInfo]:
-        """The current replicas (waits for the first list; raises ConnectionError if none)."""
+    async def replicas(self, wait: bool = True) -> list[ReplicaInfo]:
+        """The current replicas (``wait``: for the first list, up to REPLICAS_WAIT_S; raises
+        ``NoReplicaError`` if none)."""
         infos = ReplicaDirectory.replicas(self.name)
         end = time.monotonic() + REPLICAS_WAIT_S
         while not infos:  # the handle learns its replicas after its first call
-            if time.monotonic() > end:
+            if not wait or time.monotonic() > end:
                 raise NoReplicaError(f"no replica of {self.name} is known")
             await asyncio.wait_for(self.handle.model_info.remote(), REPLICAS_WAIT_S)
             infos = ReplicaDirectory.replicas(self.name)
@@ -172,10 +174,12 @@ class WorkerDispatch:
             cached = self._keys[info.replica_id] = (data, unpack_keys(data))
         return ReplicaView(info.replica_id, self.inflight[info.replica_id], info.stats.load, cached[1])
 
-    async def choose(self, prompt_keys: Sequence[int] = (), hint: str = "", exclude: set[str] = frozenset()) -> str:
+    async def choose(self, prompt_keys: Sequence[int] = (), hint: str = "", exclude: AbstractSet[str] = frozenset()
+                     ) -> str:
         """The replica for a request: ``hint`` when it names a current replica, else the policy;
-        never one in ``exclude`` or ``broken`` (``NoReplicaError`` when no other is left)."""
-        known = await self.replicas()
+        never one in ``exclude`` or ``broken``: ``NoReplicaError`` when no other is left. A request
+        that excludes replicas (it lost one) does not wait for a replica to appear."""
+        known = await self.replicas(wait=not exclude)
         infos = [r for r in known if r.replica_id not in exclude and r.replica_id not in self.broken]
         if not infos:
             raise NoReplicaError(f"no live replica of {self.name} can take the request")

@@ -4,6 +4,8 @@ pipeline whose replicas fail on cue stands in for the workers."""
 from __future__ import annotations
 
 import asyncio
+import time
+from types import SimpleNamespace
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -12,10 +14,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from ray import exceptions as ray_exc
 
 from router.app import parse_args
-from router.channels import NoReplicaError
+from router.channels import NoReplicaError, WorkerDispatch
 from router.errors import ErrorKind, RequestError
 from router.lifecycle import AdmissionLimits, RequestLifecycle
 from router.migration import KV_LOST, REPLICA_DIED, MigrationConfig, migration_reason
+from router.replica_directory import ReplicaDirectory
 from router.validation import GenerateInput, Limits, RequestValidator
 from services.engine.make_model import make_model
 from services.engine.scheduler import EngineOverloadedError
@@ -207,3 +210,41 @@ def test_max_migrations_is_validated_where_the_app_is_built(tmp_path):
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ValueError, match=r"args\.router: max_migrations: must be an integer >= 0"):
             parse_args({"model": model, "router": {"max_migrations": bad}})
+
+
+# ---- the replica choice of a migrating request (router/channels.py) -------------------------
+class _Directory:
+    """What Serve's request router is to ``ReplicaDirectory``: a replica list."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def replica_list(self):
+        return [SimpleNamespace(replica_id=SimpleNamespace(unique_id=i), routing_stats={}) for i in self.ids]
+
+
+class _Handle:
+    def __init__(self, name):
+        self.deployment_name = name
+        self.model_info = SimpleNamespace(remote=self._never)
+
+    async def _never(self):  # a handle with no replica: the call waits for one
+        await asyncio.sleep(3600)
+
+
+def test_a_migrating_request_never_gets_a_failed_replica_and_does_not_wait_for_one():
+    async def main():
+        ReplicaDirectory.register("MigW", _Directory(["a", "b", "c"]))
+        dispatch = WorkerDispatch(_Handle("MigW"))
+        dispatch._mark_broken("b")  # its channel broke: no request goes there while it is listed
+        chosen = {await dispatch.choose((), "", {"a"}) for _ in range(6)}
+        with pytest.raises(NoReplicaError):
+            await dispatch.choose((), "c", {"a", "c"})  # a hint of a failed replica is no way round
+        ReplicaDirectory.register("MigW", _Directory([]))  # Serve dropped the dead one, none new yet
+        start = time.monotonic()
+        with pytest.raises(NoReplicaError):
+            await dispatch.choose((), "", {"a"})
+        return chosen, time.monotonic() - start
+
+    chosen, waited = run(main())
+    assert chosen == {"c"} and waited < 1.0
