@@ -16,7 +16,8 @@
                                 #   (cache, scheduler, experts, speculative, quantization)
     prefill_engine: {...}       # overrides for PrefillWorker (pd mode)
     decode_engine: {...}        # overrides for DecodeWorker (pd mode)
-    router: {max_inflight_requests: N, max_prompt_bytes: N, prefix_routing: true}  # false: least load only
+    router: {max_inflight_requests: N, max_prompt_bytes: N, prefix_routing: true,  # false: least load only
+             max_migrations: 2}  # a stream moves on at most this often when its replica dies (router/migration.py)
                                 # input limits (INVALID_ARGUMENT naming the field and the limit; defaults):
                                 #   max_request_bytes: 4194304 (serialized request; grpc's own transport
                                 #   limit max_message_bytes: 67108864 answers RESOURCE_EXHAUSTED above it),
@@ -36,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from router.migration import MigrationConfig
 from router.replica_router import request_router_config
 from router.server import Router, RouterConfig
 from services.config import WorkerConfig
@@ -49,7 +51,7 @@ from services.workers import DecodeWorker, PrefillWorker, UnifiedWorker
 MODES = ("unified", "pd")
 _ROUTER_KEYS = ("max_inflight_requests", "max_prompt_bytes", "max_message_bytes", "max_request_bytes",
                 "max_prompt_token_ids", "max_messages", "max_stop_strings", "max_stop_chars", "max_stop_token_ids",
-                "grace_s", "prefix_routing")
+                "grace_s", "prefix_routing", "max_migrations")
 _KEYS = ("mode", "model", "model_id", "host", "port", "kv_transfer", "engine", "prefill_engine", "decode_engine",
          "router", "torch_threads", "prefix_store")
 
@@ -106,10 +108,15 @@ def _router_config(args: dict, model: str, path: str) -> RouterConfig:
     if bad:
         raise ConfigError(join(path, "router"), f"unknown key(s) {bad}; known: {list(_ROUTER_KEYS)}")
     try:
-        return RouterConfig(model=model, host=args.get("host", "127.0.0.1"), port=int(args.get("port", 50051)),
-                            **router_args)
+        config = RouterConfig(model=model, host=args.get("host", "127.0.0.1"), port=int(args.get("port", 50051)),
+                              **router_args)
     except ConfigError as exc:
         raise exc.under(join(path, "router")) from None
+    try:
+        MigrationConfig(config.max_migrations)
+    except ValueError as exc:
+        raise ConfigError(join(path, "router"), str(exc)) from None
+    return config
 
 
 def _torch_threads(value, mode: str, path: str) -> dict[str, int | None]:

@@ -10,6 +10,10 @@ request is a unary ``submit`` call that lasts as long as the request.
 - ``WorkerDispatch``: one worker deployment as the router uses it: the replica set and
   routing stats (router/replica_router.py), the choice (router/prefix_routing.py), the
   links, and ``run`` (submit one request, yield its chunks).
+
+A replica whose channel broke (it died or left) is not chosen again while it is still in the
+replica set Serve reports (Serve notices a dead replica seconds later); with no other replica,
+``choose`` raises ``NoReplicaError`` (UNAVAILABLE).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+from collections.abc import Set as AbstractSet
 
 from router.errors import unwrap
 from router.prefix_routing import BalanceConfig, ReplicaView, choose_replica, unpack_keys
@@ -31,6 +36,11 @@ from services.types import Route, StreamChunk, WrongReplicaError
 log = logging.getLogger("tandem.router")
 FINISH_GRACE_S = 10.0  # after a submit returned, how long its last chunk may take on the channel
 REPLICAS_WAIT_S = 30.0  # how long to wait for a deployment's first replica list
+BROKEN_FOR_S = 30.0  # how long a replica whose channel broke is not chosen (unless it leaves the set first)
+
+
+class NoReplicaError(ConnectionError):
+    """No replica of the deployment may take the request now (none known, or all failed it)."""
 
 
 class Inbox:
@@ -70,8 +80,9 @@ class Inbox:
 class ReplicaLink:
     """The channel from this router to one worker replica."""
 
-    def __init__(self, handle, router_id: str, replica_id: str):
+    def __init__(self, handle, router_id: str, replica_id: str, on_broken=None):
         self.replica_id = replica_id
+        self._on_broken = on_broken  # called with the replica id when the channel broke (not when closed)
         self.inboxes: dict[str, Inbox] = {}
         self.closed = False
         self.retired = False  # the replica left the set (draining): close once its requests ended
@@ -96,6 +107,11 @@ class ReplicaLink:
             error = exc if isinstance(unwrap(exc), (WrongReplicaError, ConnectionError)) else ConnectionError(
                 f"channel to replica {self.replica_id} broke: {type(unwrap(exc)).__name__}")
             log.warning("channel to replica %s broke: %s", self.replica_id, type(unwrap(exc)).__name__)
+            if self._on_broken is not None and not isinstance(unwrap(exc), WrongReplicaError):
+                self._on_broken(self.replica_id)
+        else:  # the stream ended: the replica is shutting down
+            if self._on_broken is not None:
+                self._on_broken(self.replica_id)
         finally:
             self.closed = True
             for box in list(self.inboxes.values()):
@@ -117,16 +133,18 @@ class WorkerDispatch:
         self.links: dict[str, ReplicaLink] = {}
         self.inflight: Counter[str] = Counter()  # replica id -> this router's requests there now
         self._keys: dict[str, tuple[bytes, frozenset[int]]] = {}  # replica id -> (reported bytes, unpacked)
+        self.broken: dict[str, float] = {}  # replica id -> monotonic time its channel broke (see BROKEN_FOR_S)
         self._rotation = itertools.count()
 
     # ---- replica choice ------------------------------------------------------------------
-    async def replicas(self) -> list[ReplicaInfo]:
-        """The current replicas (waits for the first list; raises ConnectionError if none)."""
+    async def replicas(self, wait: bool = True) -> list[ReplicaInfo]:
+        """The current replicas (``wait``: for the first list, up to REPLICAS_WAIT_S; raises
+        ``NoReplicaError`` if none)."""
         infos = ReplicaDirectory.replicas(self.name)
         end = time.monotonic() + REPLICAS_WAIT_S
         while not infos:  # the handle learns its replicas after its first call
-            if time.monotonic() > end:
-                raise ConnectionError(f"no replica of {self.name} is known")
+            if not wait or time.monotonic() > end:
+                raise NoReplicaError(f"no replica of {self.name} is known")
             await asyncio.wait_for(self.handle.model_info.remote(), REPLICAS_WAIT_S)
             infos = ReplicaDirectory.replicas(self.name)
             if not infos:
@@ -142,6 +160,12 @@ class WorkerDispatch:
                 link.close()
         for rid in [r for r in self._keys if r not in current]:
             del self._keys[rid]
+        now = time.monotonic()
+        for rid in [r for r, t in self.broken.items() if r not in current or now - t > BROKEN_FOR_S]:
+            del self.broken[rid]
+
+    def _mark_broken(self, replica_id: str) -> None:
+        self.broken[replica_id] = time.monotonic()
 
     def _view(self, info: ReplicaInfo) -> ReplicaView:
         data = info.stats.block_keys
@@ -150,13 +174,20 @@ class WorkerDispatch:
             cached = self._keys[info.replica_id] = (data, unpack_keys(data))
         return ReplicaView(info.replica_id, self.inflight[info.replica_id], info.stats.load, cached[1])
 
-    async def choose(self, prompt_keys: Sequence[int] = (), hint: str = "") -> str:
-        """The replica for a request: ``hint`` when it names a current replica, else the policy."""
-        infos = await self.replicas()
+    async def choose(self, prompt_keys: Sequence[int] = (), hint: str = "", exclude: AbstractSet[str] = frozenset()
+                     ) -> str:
+        """The replica for a request: ``hint`` when it names a current replica, else the policy;
+        never one in ``exclude`` or ``broken``: ``NoReplicaError`` when no other is left. A request
+        that excludes replicas (it lost one) does not wait for a replica to appear."""
+        known = await self.replicas(wait=not exclude)
+        infos = [r for r in known if r.replica_id not in exclude and r.replica_id not in self.broken]
+        if not infos:
+            raise NoReplicaError(f"no live replica of {self.name} can take the request")
         if hint:
             if any(r.replica_id == hint for r in infos):
                 return hint
-            log.warning("replica hint %s is not a current replica of %s; ignored", hint, self.name)
+            if not any(r.replica_id == hint for r in known):  # (a failed one is ignored silently)
+                log.warning("replica hint %s is not a current replica of %s; ignored", hint, self.name)
         choice = choose_replica([self._view(r) for r in infos], prompt_keys, self.balance, next(self._rotation))
         return choice.replica_id
 
@@ -167,7 +198,8 @@ class WorkerDispatch:
     def _link(self, replica_id: str) -> ReplicaLink:
         link = self.links.get(replica_id)
         if link is None or link.closed:
-            link = self.links[replica_id] = ReplicaLink(self.handle, self.router_id, replica_id)
+            link = self.links[replica_id] = ReplicaLink(self.handle, self.router_id, replica_id,
+                                                                self._mark_broken)
         return link
 
     async def run(self, call, request_id: str, ctl, replica_id: str) -> AsyncIterator[StreamChunk]:

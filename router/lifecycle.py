@@ -17,7 +17,8 @@ never tells a caller about another's ids), ``abort(request_id, owner)`` finds on
 owner's own requests, and the workers see the id as ``<owner>/<id>`` (unique across owners). Order inside ``stream``:
 request id (the client's, or generated; at most 256 characters) -> validation and
 tokenization -> duplicate id (INVALID_ARGUMENT "already in use") -> admission
-(``max_inflight_requests``, RESOURCE_EXHAUSTED) -> the pipeline (router/pipeline.py).
+(``max_inflight_requests``, RESOURCE_EXHAUSTED) -> the pipeline (router/pipeline.py), whose
+stream moves to another replica when its replica dies (router/migration.py).
 
 Terms
 - abort: ``abort(request_id)`` cancels the request's handle calls (the workers free its blocks
@@ -30,8 +31,8 @@ Terms
   propagates unchanged and telemetry records CANCELLED (DEADLINE_EXCEEDED once it passed).
 - usage: prompt, completion and cached prompt tokens, updated from every chunk.
 Telemetry (services/telemetry/router_telemetry.py) sees every step: start -> dispatched ->
-per chunk ``on_chunk`` + ``handed_over`` (just before the chunk goes to the adapter) ->
-finished | failed | cancelled -> end.
+per chunk ``on_chunk`` + ``handed_over`` (just before the chunk goes to the adapter), and
+``migrated`` per migration -> finished | failed | cancelled -> end.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from router.errors import ErrorKind, RequestError, classify, invalid, shown
+from router.migration import MigrationConfig, migrating_stream
 from router.pipeline import Control
 from router.validation import GenerateInput, RequestValidator
 from services.telemetry import RouterTelemetry
@@ -77,10 +79,11 @@ class RequestLifecycle:
     """Admission, ids, deadline, abort, usage and telemetry of the router's requests (module docstring)."""
 
     def __init__(self, pipeline, validator: RequestValidator, limits: AdmissionLimits,
-                 telemetry: RouterTelemetry | None = None):
+                 telemetry: RouterTelemetry | None = None, migration: MigrationConfig = MigrationConfig()):
         self.pipeline = pipeline  # router/pipeline.py: run(GenerateCall, Control) -> AsyncIterator[StreamChunk]
         self.validator = validator
         self.limits = limits
+        self.migration = migration
         self.telemetry = telemetry or RouterTelemetry(Identity(validator.info.model_id, "router", "local"))
         self.inflight: dict[tuple[str, str], Control] = {}  # (owner, request id) -> its control, admission to end
 
@@ -173,7 +176,8 @@ class LiveRequest:
             self.usage.prompt_tokens = len(call.prompt_token_ids)
             obs.dispatched(call)
             try:
-                async for chunk in lifecycle.pipeline.run(call, ctl):
+                async for chunk in migrating_stream(lifecycle.pipeline.run, call, ctl, lifecycle.migration,
+                                                    obs.migrated):
                     self.usage.add(chunk)
                     obs.on_chunk(chunk)
                     obs.handed_over(chunk)  # the router token delay ends here

@@ -10,6 +10,10 @@ router's channel to that replica (router/channels.py: one streamed item per engi
 router-worker pair, not one per token per request); prefill is one streamed call per request
 (one item: first token + KV handle). The unified / prefill replica is chosen by prompt
 prefix and load (router/prefix_routing.py), decode by load.
+
+A request that resumes (``GenerateCall.resume_token_ids``: router/migration.py moves it after its
+replica died) skips prefill: in P/D mode a decode replica recomputes prompt + resumed tokens
+itself (no KV to hand off); replicas in ``Control.excluded`` are never chosen for it.
 """
 
 from __future__ import annotations
@@ -28,11 +32,23 @@ class Control:
 
     def __init__(self, replica_hint: str = ""):
         self.aborted = False
+        self.cancelled = False  # cancel() was called (abort, deadline, the end): no new call may start
         self._calls: list = []
         self.replica_hint = replica_hint  # force the unified / prefill replica (Serve replica id); "" = policy
         self.routed: dict[str, str] = {}  # role -> replica id that served the request
+        self.current: tuple[str, str] | None = None  # (role, replica id) of the call in flight last
+        self.excluded: set[str] = set()  # replica ids this request must not be sent to (they failed it)
+
+    def place(self, role: str, replica_id: str) -> str:
+        """Record that the request's ``role`` part goes to ``replica_id`` now; returns it."""
+        self.routed[role] = replica_id
+        self.current = (role, replica_id)
+        return replica_id
 
     def attach(self, response) -> None:
+        if self.cancelled:  # cancelled while this call was being made: it must not run on
+            response.cancel()
+            return
         self._calls.append(response)
 
     def detach(self, response) -> None:
@@ -40,6 +56,7 @@ class Control:
             self._calls.remove(response)
 
     def cancel(self) -> None:
+        self.cancelled = True
         for response in list(self._calls):
             response.cancel()
         self._calls.clear()
@@ -64,7 +81,7 @@ async def _submit(dispatch: WorkerDispatch, call, request_id: str, ctl: Control,
     """Choose a replica and stream the request's chunks over its channel (router/channels.py);
     choose again when the submit reached another replica than chosen (the set changed)."""
     for attempt in range(attempts):
-        replica = ctl.routed[role] = await dispatch.choose(keys, hint)
+        replica = ctl.place(role, await dispatch.choose(keys, hint, ctl.excluded))
         started = False
         try:
             async for chunk in dispatch.run(call, request_id, ctl, replica):
@@ -90,7 +107,8 @@ class UnifiedPipeline:
         return self.info
 
     def run(self, call: GenerateCall, ctl: Control) -> AsyncIterator[StreamChunk]:
-        keys = prompt_keys(self.info.block_hash_seed, self.info.block_size, call.prompt_token_ids)
+        keys = prompt_keys(self.info.block_hash_seed, self.info.block_size,
+                           call.prompt_token_ids + call.resume_token_ids)
         return _submit(self.dispatch, call, call.request_id, ctl, "unified", keys, ctl.replica_hint)
 
     async def worker_stats(self, num_calls: int = 8) -> list[WorkerStats]:
@@ -113,8 +131,12 @@ class PrefillDecodePipeline:
         return self.info
 
     async def run(self, call: GenerateCall, ctl: Control) -> AsyncIterator[StreamChunk]:
+        if call.resume_token_ids:  # migrated: a decode replica recomputes what the client has
+            async for chunk in _submit(self.decode_dispatch, call, call.request_id, ctl, "decode"):
+                yield chunk
+            return
         keys = prompt_keys(self.info.block_hash_seed, self.info.block_size, call.prompt_token_ids)
-        target = ctl.routed["prefill"] = await self.prefill_dispatch.choose(keys, ctl.replica_hint)
+        target = ctl.place("prefill", await self.prefill_dispatch.choose(keys, ctl.replica_hint, ctl.excluded))
         prefill = self._prefill_stream.prefill.remote(call, route=self.prefill_dispatch.route(target, call.traceparent))
         ctl.attach(prefill)
         inflight = self.prefill_dispatch.inflight
@@ -130,7 +152,7 @@ class PrefillDecodePipeline:
             if first.finish_reason is not None or result.kv is None:
                 return
             decode_call = DecodeCall(call, first.token_ids[0], (first.logprobs or [None])[0], result.kv,
-                                     first.num_cached_tokens, result.generator_state, call.traceparent)
+                                     first.num_cached_tokens, call.traceparent)
             async for chunk in _submit(self.decode_dispatch, decode_call, call.request_id, ctl, "decode"):
                 if prefill is not None:  # decode adopted the KV: the prefill replica may drop it
                     self._close(prefill, ctl)

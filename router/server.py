@@ -23,6 +23,7 @@ from router.auth import AuthConfig, AuthInterceptor, Authenticator
 from router.pipeline import PrefillDecodePipeline, UnifiedPipeline
 from router.prefix_routing import BalanceConfig
 from router.lifecycle import AdmissionLimits, RequestLifecycle
+from router.migration import MigrationConfig
 from router.request_decoding import DecodingInterceptor
 from router.servicer import AdminServicer, GenerationServicer
 from router.validation import Limits, RequestValidator
@@ -55,6 +56,7 @@ class RouterConfig:
     max_stop_token_ids: int = Limits.max_stop_token_ids
     grace_s: float = 2.0  # how long in-flight streams may finish on shutdown
     prefix_routing: bool = True  # prefill/unified replica by longest cached prefix; False: least load only
+    max_migrations: int = 2  # per request: moves to another replica after its replica died (router/migration.py)
 
     def __post_init__(self) -> None:
         """ConfigError naming the field (router/app.py puts the YAML path in front)."""
@@ -116,7 +118,7 @@ class Router:
         # spans from OTEL_*, /metrics on TANDEM_METRICS_PORT (services/telemetry)
         self.telemetry = RouterTelemetry.for_replica(info.model_id, _replica_id())
         lifecycle = RequestLifecycle(self.pipeline, validator, AdmissionLimits(config.max_inflight_requests),
-                                     self.telemetry)  # shared by every protocol adapter
+                                     self.telemetry, MigrationConfig(config.max_migrations))  # every adapter's
         auth = AuthConfig.from_env()  # API keys from TANDEM_*API_KEYS(_FILE) (router/auth.py); none = open
         authenticator = Authenticator(auth) if auth.enabled else None
         self.generation = GenerationServicer(lifecycle, authenticator)

@@ -2,7 +2,8 @@
 
 - ``prefill``: run the prompt with ``max_tokens=1``; when the engine finishes the request,
   the KV of its prompt blocks is copied out in the engine thread, before the blocks are
-  freed (the engine's finish hook), together with the seeded RNG state.
+  freed (the engine's finish hook). A seeded request needs no RNG state: its draws depend on
+  (seed, position) only (services/engine/sampler.py), so the decode side continues at position 1.
 - ``adopt``: allocate blocks in this engine's pool, copy the payload into them, and put the
   request straight into the running batch with the prompt computed and the first token as
   its first output, so the next step decodes it. Nothing is recomputed.
@@ -44,7 +45,6 @@ class PrefillOutput:
 
     chunk: TokenChunk  # the first token; finish_reason is the *request's* (None if it goes on)
     kv: KVPayload | None  # prompt KV; None when the request finished with the first token
-    generator_state: bytes | None  # seeded RNG state after sampling the first token
     new_blocks: torch.Tensor | None = None  # [L, 2, n, bs, H, D] full prompt blocks from expect_export's block on
 
 
@@ -52,7 +52,6 @@ class PrefillOutput:
 class _Capture:
     num_prompt_tokens: int
     kv: torch.Tensor | None = None
-    generator_state: bytes | None = None
     want_kv: bool = False  # prefill: read every prompt block (the P/D hand-off)
     export_from: int | None = None  # read the full prompt blocks from this one on (write-back)
     new_blocks: torch.Tensor | None = None  # [L, 2, n, bs, H, D] what export_from asked for
@@ -93,9 +92,8 @@ class ServingEngine(AsyncEngine):
             chunk.text = self._first_text(Request(request_id, prompt_ids, params), chunk.token_ids[0])
             if cap is None or cap.kv is None:
                 raise RuntimeError(f"prefill of {request_id!r} finished without capturing its KV")
-            return PrefillOutput(chunk, KVPayload(request_id, cap.kv, cap.num_prompt_tokens), cap.generator_state,
-                                 cap.new_blocks)
-        return PrefillOutput(chunk, None, None, cap.new_blocks if cap is not None else None)
+            return PrefillOutput(chunk, KVPayload(request_id, cap.kv, cap.num_prompt_tokens), cap.new_blocks)
+        return PrefillOutput(chunk, None, cap.new_blocks if cap is not None else None)
 
     def _really_finished(self, chunk: TokenChunk, params: SamplingParams) -> bool:
         """A max_tokens=1 run ends with "length"; the request itself ends only on a stop or its limits."""
@@ -119,8 +117,6 @@ class ServingEngine(AsyncEngine):
         table = self.engine.request_block_ids(req.request_id)
         if cap.want_kv and req.num_computed_tokens == cap.num_prompt_tokens:
             cap.kv = self.engine.read_kv_blocks(table[:self.engine.kv.blocks_needed(cap.num_prompt_tokens)])
-            if req.generator is not None:
-                cap.generator_state = req.generator.get_state().numpy().tobytes()
         self._capture_new_blocks(req, cap, table)
 
     def _capture_new_blocks(self, req: Request, cap: _Capture, table: list[int]) -> None:
@@ -166,14 +162,13 @@ class ServingEngine(AsyncEngine):
     # ---- decode side ---------------------------------------------------------------------
     async def adopt(self, request_id: str, prompt_ids: list[int], params: SamplingParams, first_token: int,
                     kv: KVPayload, *, first_logprobs: dict[int, float] | None = None, priority: int = 0,
-                    num_cached_tokens: int = 0, generator_state: bytes | None = None,
-                    timeout_s: float = 30.0) -> AsyncIterator[TokenChunk]:
+                    num_cached_tokens: int = 0, timeout_s: float = 30.0) -> AsyncIterator[TokenChunk]:
         """Continue a request prefilled elsewhere; returns its stream (from the second token on).
 
         Waits up to ``timeout_s`` for free blocks, then raises ``EngineOverloadedError``.
         """
         req = self._adoptable_request(request_id, prompt_ids, params, first_token, kv, first_logprobs,
-                                      priority, num_cached_tokens, generator_state)
+                                      priority, num_cached_tokens)
         stream = _Stream(asyncio.get_running_loop())
         deadline = time.monotonic() + timeout_s
 
@@ -190,7 +185,7 @@ class ServingEngine(AsyncEngine):
         return self._iterate(request_id, stream)
 
     def _adoptable_request(self, request_id, prompt_ids, params, first_token, kv, first_logprobs, priority,
-                           num_cached_tokens, generator_state) -> Request:
+                           num_cached_tokens) -> Request:
         eng = self.engine
         eng.check_adoptable(len(prompt_ids), params, tuple(kv.kv.shape), kv.block_size, kv.num_tokens)
         req = Request(request_id, list(prompt_ids), params, priority=priority)
@@ -200,9 +195,7 @@ class ServingEngine(AsyncEngine):
         if params.logprobs is not None:
             req.logprobs = [first_logprobs]
         if params.seed is not None:
-            req.generator = torch.Generator(device=eng.device).manual_seed(params.seed)
-            if generator_state is not None:
-                req.generator.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
+            req.generator = torch.Generator(device=eng.device)  # seeded per position (Request.sampling_generator)
         return req
 
     def _try_adopt(self, req: Request, kv: torch.Tensor, stream: _Stream) -> bool:

@@ -49,7 +49,8 @@ class ModelInfo:
 
 @dataclass
 class GenerateCall:
-    """One validated, tokenized request (router -> unified or prefill worker)."""
+    """One validated, tokenized request (router -> unified or prefill worker; a migrated one with
+    ``resume_token_ids`` -> unified or decode worker)."""
 
     request_id: str  # unique among running requests; the engine request id on every worker
     prompt_token_ids: list[int]  # the prompt, already tokenized and checked against the vocabulary
@@ -57,6 +58,9 @@ class GenerateCall:
     priority: int = 0  # lower is served first
     deadline: float | None = None  # unix time after which the request is abandoned; None = none
     traceparent: str = ""  # W3C trace context of the router's span
+    # output the client already has (a request migrated after its replica died: router/migration.py);
+    # recomputed with the prompt, the output goes on after it ([] = a new request)
+    resume_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -119,7 +123,6 @@ class PrefillResult:
     request_id: str  # the request's id
     first: StreamChunk  # the first token; finish_reason set when the request already ended
     kv: KVHandle | None  # the prompt's KV; None when ``first`` finished the request
-    generator_state: bytes | None = None  # the seeded sampler's RNG state after the first token
     traceparent: str = ""  # W3C trace context of the prefill span
 
 
@@ -132,7 +135,6 @@ class DecodeCall:
     first_logprobs: dict[int, float] | None  # its logprobs, when asked
     kv: KVHandle  # the prompt's KV to adopt
     num_cached_tokens: int = 0  # prompt tokens the prefill served from its prefix cache
-    generator_state: bytes | None = None  # seeded RNG state to continue from
     traceparent: str = ""  # W3C trace context of the router's span
 
 

@@ -84,12 +84,16 @@ class EngineWorker:
     # ---- request paths -------------------------------------------------------------------
     @traced_stream("unified")
     async def generate(self, call: GenerateCall) -> AsyncIterator[StreamChunk]:
-        """Unified role: the whole request in this engine."""
+        """Unified role: the whole request in this engine (decode role too, for a migrated request:
+        ``call.resume_token_ids`` recomputed here, no KV hand-off)."""
         self._open += 1
         try:
-            async with _until(call.deadline), self.prefix_store.serving(call.request_id, call.prompt_token_ids):
+            # a migrated request recomputes prompt + the output its client has (the prefix cache applies)
+            known = call.prompt_token_ids + call.resume_token_ids if call.resume_token_ids else call.prompt_token_ids
+            async with _until(call.deadline), self.prefix_store.serving(call.request_id, known):
                 stream = await self.engine.add_request_async(call.prompt_token_ids, call.params,
-                                                             request_id=call.request_id, priority=call.priority)
+                                                             request_id=call.request_id, priority=call.priority,
+                                                             resume_token_ids=call.resume_token_ids or None)
                 async for chunk in stream:
                     yield StreamChunk.from_engine(chunk)
         finally:
@@ -119,7 +123,7 @@ class EngineWorker:
             handle = self.transfer.send(out.kv, call.traceparent)
             self._sent += 1
         try:
-            yield PrefillResult(call.request_id, StreamChunk.from_engine(out.chunk), handle, out.generator_state)
+            yield PrefillResult(call.request_id, StreamChunk.from_engine(out.chunk), handle)
             if handle is not None:
                 await asyncio.sleep(self.config.kv_hold_s)
                 log.warning("request %s: KV not adopted within %.0fs; released", call.request_id,
@@ -141,8 +145,7 @@ class EngineWorker:
                 stream = await self.engine.adopt(
                     req.request_id, req.prompt_token_ids, req.params, call.first_token, payload,
                     first_logprobs=call.first_logprobs, priority=req.priority,
-                    num_cached_tokens=call.num_cached_tokens, generator_state=call.generator_state,
-                    timeout_s=self.config.adopt_timeout_s)
+                    num_cached_tokens=call.num_cached_tokens, timeout_s=self.config.adopt_timeout_s)
                 del payload  # the blocks are copied: drop our view of the transferred object
                 self._adopted += 1
                 async for chunk in stream:

@@ -156,6 +156,10 @@ def fleet_rows(d: Layout) -> None:
           "percentunit", width=12, defaults={"min": 0},
           description="Requests ended with a non-OK status / requests ended. Server errors leave out "
                       f"{CLIENT_CODES.replace('|', ', ')} (the client's doing).")
+    d.add("Migrated streams / s by reason", [(rate("tandem_migrations_total", by="reason"), "{{reason}}")],
+          "reqps", width=24, description="Streams the router moved to another worker replica after theirs died "
+                                         "(replica_died) or their hand-off KV was lost (kv_lost); the client saw "
+                                         "no error (router/migration.py).")
 
 
 def role_rows(d: Layout) -> None:

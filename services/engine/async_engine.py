@@ -63,26 +63,31 @@ class AsyncEngine:
 
     # ---- client side (event loop) --------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, priority: int = 0) -> AsyncIterator[TokenChunk]:
+                    request_id: str | None = None, priority: int = 0,
+                    resume_token_ids: list[int] | None = None) -> AsyncIterator[TokenChunk]:
         """Queue a request now (ValueError / EngineOverloadedError raise here) and return its
-        stream. Leaving the stream before its last chunk aborts the request."""
+        stream. Leaving the stream before its last chunk aborts the request. ``resume_token_ids``:
+        output already produced elsewhere (``LLMEngine.add_request``)."""
         stream = _Stream(asyncio.get_running_loop())
-        request_id = self._add(stream, prompt, params, request_id, priority)
+        request_id = self._add(stream, prompt, params, request_id, priority, resume_token_ids)
         self._wake.set()
         return self._iterate(request_id, stream)
 
     async def add_request_async(self, prompt: str | list[int], params: SamplingParams | None = None,
-                                request_id: str | None = None, priority: int = 0) -> AsyncIterator[TokenChunk]:
+                                request_id: str | None = None, priority: int = 0,
+                                resume_token_ids: list[int] | None = None) -> AsyncIterator[TokenChunk]:
         """``add_request`` with the wait for the step lock in a worker thread (the event loop
         keeps running). Cancelled while the request is being added: it is aborted."""
         stream = _Stream(asyncio.get_running_loop())
-        request_id = await off_loop(self._add, stream, prompt, params, request_id, priority, undo=self.abort)
+        request_id = await off_loop(self._add, stream, prompt, params, request_id, priority, resume_token_ids,
+                                    undo=self.abort)
         self._wake.set()
         return self._iterate(request_id, stream)
 
-    def _add(self, stream: _Stream, prompt, params, request_id, priority) -> str:
+    def _add(self, stream: _Stream, prompt, params, request_id, priority, resume_token_ids=None) -> str:
         with self._lock:
-            req = self.engine.add_request(prompt, params, request_id=request_id, priority=priority)
+            req = self.engine.add_request(prompt, params, request_id=request_id, priority=priority,
+                                          resume_token_ids=resume_token_ids)
             self._streams[req.request_id] = stream
         return req.request_id
 

@@ -66,9 +66,15 @@ class LLMEngine:
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, priority: int = 0,
-                    arrival_time: float | None = None) -> Request:
+                    arrival_time: float | None = None, resume_token_ids: list[int] | None = None) -> Request:
         """Validate and queue a request. ValueError names the bad field; overload raises
-        ``EngineOverloadedError``."""
+        ``EngineOverloadedError``.
+
+        ``resume_token_ids``: output tokens the request already produced elsewhere and sent to its
+        client (a request migrated from a replica that died). They are recomputed with the prompt
+        (as after a preemption; the prefix cache applies), count against ``max_tokens``, and the
+        output continues after them: the next chunk's text starts where the text already sent
+        ends, and a seeded request samples from position ``len(resume_token_ids)`` on."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
@@ -85,8 +91,26 @@ class LLMEngine:
             req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         if params.logprobs is not None:
             req.logprobs = []
+        if resume_token_ids:
+            self._resume(req, resume_token_ids)
         self.scheduler.add(req)
         return req
+
+    def _resume(self, req: Request, token_ids: list[int]) -> None:
+        """Put ``token_ids`` in as ``req``'s output so far, with the detokenizer state and the sent
+        text length the original engine had after them (the detokenizer replayed token by token)."""
+        p = req.params
+        if not isinstance(token_ids, (list, tuple)) or not all(_is_token(t, self.model_config.vocab_size)
+                                                               for t in token_ids):
+            raise ValueError("resume_token_ids: must be token ids inside the vocabulary")
+        if len(token_ids) >= p.max_tokens or req.num_prompt_tokens + len(token_ids) >= self.max_model_len:
+            raise ValueError(f"resume_token_ids: {len(token_ids)} tokens leave nothing to generate")
+        for t in token_ids:
+            req.output_token_ids.append(t)
+            self.detokenizer.step(req)
+        if req.logprobs is not None:
+            req.logprobs = [None] * len(token_ids)  # sent with the tokens by the engine that sampled them
+        req.sent_text_len = max(len(req.text) - max(p.max_stop_len - 1, 0), 0)  # as _chunk held back
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -298,3 +322,7 @@ class LLMEngine:
         newest = list(itertools.islice(reversed(self.kv.pool.cached), limit))
         newest.reverse()
         return newest
+
+
+def _is_token(t, vocab_size: int) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size

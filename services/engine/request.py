@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.engine.sampler import position_seed
 from services.engine.sampling_params import SamplingParams
 
 
@@ -41,7 +42,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-    generator: torch.Generator | None = None  # per-request RNG when params.seed is set
+    generator: torch.Generator | None = None  # per-request RNG when params.seed is set (see sampling_generator)
     first_token_time: float | None = None
     scheduled_time: float | None = None  # monotonic time it first entered the running batch
     # detokenizer state (see Detokenizer)
@@ -62,6 +63,13 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def sampling_generator(self) -> torch.Generator | None:
+        """The request's generator seeded for its next output token, ``position_seed(seed,
+        len(output_token_ids))`` (services/engine/sampler.py); None when unseeded."""
+        if self.generator is not None:
+            self.generator.manual_seed(position_seed(self.params.seed, len(self.output_token_ids)))
+        return self.generator
 
     def token_at(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output without building the whole list."""

@@ -108,7 +108,7 @@ class ModelRunner:
                 hidden = hidden[torch.tensor(sample_rows, device=self.device)]
             logits = self.model.compute_logits(hidden)
             sample = self.sampler(logits, [requests[r].params for r in sample_ids],
-                                  [requests[r].generator for r in sample_ids])
+                                  [requests[r].sampling_generator() for r in sample_ids])
         else:
             sample = SampleResult([], [])
         computed = sum(schedule[r] for r in prefills)

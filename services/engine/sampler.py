@@ -1,8 +1,11 @@
 """Token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
 
 Filters apply in the order temperature -> top-k -> top-p -> min-p on each row's
-probabilities. A request with a seed draws from its own ``torch.Generator`` exactly once
-per generated token, so its tokens do not depend on what else shares the batch. Logprobs
+probabilities. A request with a seed draws output token ``i`` from its own ``torch.Generator``
+seeded with ``position_seed(seed, i)``, once per generated token, so its tokens depend only on
+(seed, position, distribution): not on what else shares the batch, and not on where its earlier
+tokens were sampled, so a request resumed elsewhere after ``i`` tokens (a P/D hand-off, a
+migration after its replica died, a preemption) continues exactly as it would have. Logprobs
 are those of the raw model distribution (log-softmax of the unscaled logits).
 """
 
@@ -14,6 +17,18 @@ import numpy as np
 import torch
 
 from services.engine.sampling_params import SamplingParams
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The seed of the draw for output token ``position`` (0-based) of a request seeded with
+    ``seed``: SplitMix64 of the pair, in [0, 2**63) (any int seed, negative or wide, is accepted)."""
+    z = ((seed & _MASK64) * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
 
 
 @dataclass

@@ -56,6 +56,7 @@ CONTRACT: dict[str, str] = {
     "tandem_requests_inflight": "gauge",
     "tandem_router_token_delay_seconds": "histogram",
     "tandem_router_dwell_seconds": "histogram",
+    "tandem_migrations_total": "counter",
     # workers
     "tandem_request_queue_time_seconds": "histogram",
     "tandem_requests_running": "gauge",
@@ -75,6 +76,7 @@ FINISH_REASONS = ("stop", "length", "abort")
 # rate() and alerts see them before the first failure; others appear when they happen.
 FAILURE_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED", "UNAVAILABLE",
                  "INTERNAL")
+MIGRATION_REASONS = ("replica_died", "kv_lost")  # router/migration.py; exported at 0 from the start
 PREFIX_TIERS = ("local", "redis")
 REDIS_OPS = ("exists", "get", "set", "delete")  # always exported (zero until an error)
 DIRECTIONS = ("send", "fetch")
@@ -118,6 +120,10 @@ class RouterMetrics:
         self._ids = ids
         for code in FAILURE_CODES:
             self.failed(code)
+        self._migrations = Counter("tandem_migrations", "Streams moved to another worker replica after theirs "
+                                   "failed (the client saw no error), by reason", LABELS + ("reason",), registry=reg)
+        for reason in MIGRATION_REASONS:
+            self.migrations(reason)
         self.inflight = Gauge("tandem_requests_inflight", "Requests this router replica is serving now", LABELS,
                               registry=reg).labels(*ids)
         self.token_delay = Histogram(
@@ -136,6 +142,10 @@ class RouterMetrics:
     def failed(self, code_name: str):
         """The failed-requests counter of one status code (gRPC names: a bounded set)."""
         return self._failed.labels(*self._ids, code_name)
+
+    def migrations(self, reason: str):
+        """The migrations counter of one reason (MIGRATION_REASONS)."""
+        return self._migrations.labels(*self._ids, reason)
 
 
 class WorkerMetrics:

@@ -10,7 +10,8 @@ Spans: ``tandem.generate`` (SERVER, the whole request, continuing the client's W
 ``traceparent`` metadata or starting a trace) with ``tandem.route`` under it (the router's
 work before a worker sees the request: validation, tokenization, admission). The workers'
 spans are children of ``tandem.generate`` through ``GenerateCall.traceparent``. Per-token
-work is aggregated into attributes; there is one span event, at the first token.
+work is aggregated into attributes; span events: ``first_token``, and ``tandem.migration`` per
+migration (router/migration.py: the stream moved to another replica after its replica failed).
 """
 
 from __future__ import annotations
@@ -128,6 +129,14 @@ class RequestTelemetry:
         self.num_output_tokens = chunk.num_output_tokens or self.num_output_tokens + n
         if chunk.finish_reason is not None:
             self.finished(chunk.finish_reason, chunk.num_cached_tokens)
+
+    def migrated(self, migration) -> None:
+        """The request moves to another replica (a ``router.migration.Migration``)."""
+        self.metrics.migrations(migration.reason).inc()
+        self.span.add_event("tandem.migration", {
+            "tandem.migration.reason": migration.reason, "tandem.migration.role": migration.role,
+            "tandem.migration.from_replica": migration.from_replica, "tandem.migration.attempt": migration.attempt,
+            "tandem.migration.resumed_tokens": migration.num_resumed_tokens})
 
     def handed_over(self, chunk) -> None:
         """The response message built from ``chunk`` goes to gRPC now: observe the token delay

@@ -55,8 +55,9 @@ def traffic(tiny_model):
     and one rejected request; yields (stats response, model id, response messages with tokens)."""
     from tests.integration.helpers import serve_app
 
+    # one router (pd.yaml runs two): every request of the fixture then lands on the router scraped
     with environment(TANDEM_METRICS_PORT=str(free_port())), \
-            serve_app("pd.yaml", tiny_model, {"engine": TINY_ENGINE}) as address:
+            serve_app("pd.yaml", tiny_model, {"engine": TINY_ENGINE}, {"Router": {"num_replicas": 1}}) as address:
         first = run_concurrently(address, [request(ids=PROMPT, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)])
         rest = run_concurrently(address, [request(ids=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
                                                   ignore_eos=True) for _ in range(N - 1)])

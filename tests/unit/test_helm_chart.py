@@ -214,6 +214,20 @@ def test_service_exposes_grpc_and_metrics_of_the_head(name):
     assert head_ports["grpc"] == 50051 and head_ports["metrics"] == 9464
 
 
+@pytest.mark.parametrize("name", VALUES)
+def test_every_router_replica_has_its_metrics_port_on_the_head(name):
+    """Routers share the gRPC port on the head; their /metrics: the first on service.metricsPort,
+    the others on the worker range from its start (services/telemetry/metrics.py router_ports)."""
+    values = values_of(name)
+    routers = values["serve"]["deployments"]["Router"]["num_replicas"]
+    assert routers == 2  # the default: one router's death loses only its streams
+    (rayservice,) = by_kind(render(name), "RayService")
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    metrics = {p["name"]: p["containerPort"] for p in head["ports"] if p["name"].startswith("metrics")}
+    base = values["metrics"]["workerPortBase"]
+    assert metrics == {"metrics": 9464, **{f"metrics-w{i}": base + i for i in range(routers - 1)}}
+
+
 def test_monitors_are_off_by_default_and_point_at_real_ports():
     assert not [d for d in render("default") if d["kind"] in {"ServiceMonitor", "PodMonitor"}]
     docs = render("monitoring-values")

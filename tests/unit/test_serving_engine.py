@@ -32,8 +32,7 @@ async def pd_generate(pre, dec, prompt, params, rid):
     if out.chunk.finish_reason is None:
         assert out.kv is not None and out.kv.kv.shape[2] == -(-len(prompt) // 8)
         stream = await dec.adopt(rid, prompt, params, out.chunk.token_ids[0], out.kv,
-                                 first_logprobs=(out.chunk.logprobs or [None])[0],
-                                 generator_state=out.generator_state)
+                                 first_logprobs=(out.chunk.logprobs or [None])[0])
         chunks += [c async for c in stream]
     return chunks
 

@@ -58,6 +58,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "tandem_%s" (. | replace "-" "_") -}}
 {{- end -}}
 
+{{/* Router replicas (serve.deployments.Router.num_replicas, default 1): they share the gRPC port on the head. */}}
+{{- define "tandem.routerReplicas" -}}
+{{- $router := default dict (get .Values.serve.deployments "Router") -}}
+{{- int (default 1 (get $router "num_replicas")) -}}
+{{- end -}}
+
 {{/*
 The Serve config (serveConfigV2): serve.args and serve.deployments as given, plus the router's
 bind address and port, prefix_store.url, and the placement resources of every deployment.
