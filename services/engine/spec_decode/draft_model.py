@@ -1,7 +1,8 @@
 """``draft_model``: a small model with the target's tokenizer proposes k tokens autoregressively.
 
 It runs in the engine's process, on the target's device and dtype, with its own paged KV
-cache (its own ``KVCacheManager`` and ``ModelRunner``). Each request has a shadow
+cache (its own ``KVCacheManager`` and ``ModelRunner``, with prefix reuse of the target's
+verified tokens across requests). Each request has a shadow
 ``Request`` here whose tokens are the target request's tokens plus the last draft; at every
 ``propose`` the shadow is reconciled with the target: the KV of draft tokens the target did
 not keep is rolled back (``KVCacheManager.rollback``), the tokens the draft has not seen are
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from services.engine.config_parse import ConfigError
-from services.engine.kv_cache import KVCacheManager
+from services.engine.checkpoint import checkpoint_fingerprint
+from services.engine.kv_cache import KVCacheManager, hash_seed
 from services.engine.model.cpu_backend import use_cpu_backend
 from services.engine.model.registry import load_model
 from services.engine.model_catalog import NAMED_MODELS, resolve_model
@@ -85,7 +87,8 @@ class DraftModelProposer(Proposer):
         check_same_vocabulary(Tokenizer(path), self.model.config.vocab_size, target)
         use_cpu_backend(self.model)
         num_blocks = options.num_kv_blocks or target.num_kv_blocks
-        self.kv = KVCacheManager(num_blocks, target.block_size, b"draft", enable_prefix_caching=False)
+        seed = hash_seed(checkpoint_fingerprint(path), str(target.dtype).removeprefix("torch."), target.block_size)
+        self.kv = KVCacheManager(num_blocks, target.block_size, seed)  # prefix reuse across requests
         self.generator = torch.Generator(device=target.device).manual_seed(target.seed + 1)
         self.runner = ModelRunner(self.model, self.kv, num_blocks, target.device, target.dtype, Sampler(self.generator))
         self.max_len = min(target.max_model_len, self.model.config.max_position_embeddings)
@@ -107,14 +110,17 @@ class DraftModelProposer(Proposer):
         probs: dict[str, list[torch.Tensor]] = {rid: [] for rid in steps}
         by_id = {r.request_id: r for r in requests}
         while steps:
-            schedule = {rid: self.shadows[rid].num_tokens - self.shadows[rid].num_computed_tokens for rid in steps}
-            schedule = {rid: n for rid, n in schedule.items() if self._reserve(self.shadows[rid], n, keep)}
+            schedule = {rid: self._reserve(self.shadows[rid], keep) for rid in steps}
+            schedule = {rid: n for rid, n in schedule.items() if n}
             if not schedule:
                 break
             batch = self.runner.prepare(schedule, self.shadows, {})
             logits = self.runner.logits(batch)
             for rid, n in schedule.items():
-                self.shadows[rid].num_computed_tokens += n
+                shadow = self.shadows[rid]
+                shadow.num_computed_tokens += n
+                # only the target's own tokens are published: blocks holding drafts may roll back
+                self.kv.cache_full_blocks(shadow, min(shadow.num_computed_tokens, self.known[rid]))
             self._choose(batch.sample_ids, logits, by_id, tokens, probs)
             steps = {rid: k for rid, k in steps.items() if rid in schedule and len(tokens[rid]) < k}
         return [self._draft(r.request_id, tokens, probs) for r in requests]
@@ -141,31 +147,45 @@ class DraftModelProposer(Proposer):
         self.known[rid] = req.num_tokens
         return shadow
 
-    def _reserve(self, shadow: Request, n: int, keep: set[str]) -> bool:
-        """Slots for ``n`` more tokens of ``shadow``; frees shadows of requests not in ``keep``
-        when the pool is full."""
-        if self.kv.allocate(shadow, n):
-            return True
-        for rid in [r for r in self.shadows if r not in keep]:
-            self.release(rid)
-        return self.kv.allocate(shadow, n)
+    def _reserve(self, shadow: Request, keep: set[str]) -> int:
+        """Reserve slots for the shadow's tokens not computed yet (a new shadow starts from its
+        longest cached prefix); returns how many to run, 0 when there is no room even after
+        freeing the shadows of requests not in ``keep``."""
+        fresh = shadow.num_computed_tokens == 0 and shadow.request_id not in self.kv.block_tables
+        cached = self.kv.find_cached_prefix(shadow) if fresh else []
+        n = shadow.num_tokens - shadow.num_computed_tokens - len(cached) * self.kv.block_size
+        if not self.kv.allocate(shadow, n, cached):
+            for rid in [r for r in self.shadows if r not in keep]:
+                self.release(rid)
+            if not self.kv.allocate(shadow, n, cached):
+                return 0
+        shadow.num_computed_tokens += len(cached) * self.kv.block_size
+        return n
 
     def _choose(self, ids: list[str], logits: torch.Tensor, by_id: dict[str, Request],
                 tokens: dict[str, list[int]], probs: dict[str, list[torch.Tensor]]) -> None:
         """The next draft token of every request in ``ids`` (one logits row each), appended to
-        its shadow; sampled requests keep the row's q."""
-        greedy = [i for i, rid in enumerate(ids) if by_id[rid].params.greedy]
+        its shadow; sampled requests keep the row's q (filtered by their own parameters)."""
+        reqs = [by_id[rid] for rid in ids]
         picks = [0] * len(ids)
+        greedy = [i for i, r in enumerate(reqs) if r.params.greedy]
         if greedy:
             best = argmax_rows(logits[greedy] if len(greedy) < len(ids) else logits).tolist()
             for j, i in enumerate(greedy):
                 picks[i] = best[j]
+        sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
+        if sampled:
+            q = filtered_probs(logits[sampled], [reqs[i].params for i in sampled])  # [S, V]
+            common = [j for j, i in enumerate(sampled) if reqs[i].generator is None]
+            if common:
+                drawn = torch.multinomial(q[common], 1, generator=self.generator)[:, 0].tolist()
+                for j, t in zip(common, drawn):
+                    picks[sampled[j]] = t
+            for j, i in enumerate(sampled):
+                if reqs[i].generator is not None:
+                    picks[i] = int(torch.multinomial(q[j], 1, generator=reqs[i].generator)[0])
+                probs[ids[i]].append(q[j])
         for i, rid in enumerate(ids):
-            req = by_id[rid]
-            if not req.params.greedy:
-                q = filtered_probs(logits[i:i + 1], [req.params])[0]
-                picks[i] = int(torch.multinomial(q, 1, generator=req.generator or self.generator)[0])
-                probs[rid].append(q)
             tokens[rid].append(picks[i])
             self.shadows[rid].output_token_ids.append(picks[i])
 
