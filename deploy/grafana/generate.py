@@ -6,7 +6,7 @@ committed JSON differs from what this file writes, or uses a metric name outside
 metric contract (services/telemetry).
 
 Layout: rows for the fleet (latency SLOs, throughput, queueing, KV and prefix cache, KV
-transfer, errors), then one collapsed row per role (router, prefill, decode, unified).
+transfer, speculative decoding, errors), then one collapsed row per role (router, prefill, decode, unified).
 Variables: datasource (any Prometheus), model, role, replica; every query filters on them.
 """
 
@@ -145,6 +145,8 @@ def fleet_rows(d: Layout) -> None:
     d.add("KV transfer time", quantiles("tandem_kv_transfer_seconds", by="direction"), "s")
     d.add("KV transfers / s", [(rate("tandem_kv_transfer_seconds_count", by="direction"), "{{direction}}")], "ops")
 
+    spec_rows(d)
+
     d.add_row("Errors")
     d.add("Failed requests / s by status code", [(rate("tandem_requests_failed_total", by="code"), "{{code}}")],
           "reqps", width=12)
@@ -160,6 +162,23 @@ def fleet_rows(d: Layout) -> None:
           "reqps", width=24, description="Streams the router moved to another worker replica after theirs died "
                                          "(replica_died) or their hand-off KV was lost (kv_lost); the client saw "
                                          "no error (router/migration.py).")
+
+
+def spec_rows(d: Layout) -> None:
+    drafts, tokens = rate("tandem_spec_decode_num_drafts_total"), rate("tandem_spec_decode_num_draft_tokens_total")
+    accepted = rate("tandem_spec_decode_num_accepted_tokens_total")
+    d.add_row("Speculative decoding")
+    d.add("Draft acceptance rate", [(f"{accepted} / {tokens}", "accepted / proposed")], "percentunit", width=6,
+          defaults={"max": 1, "min": 0}, description="Draft tokens accepted by the verifier / draft tokens verified.")
+    d.add("Mean acceptance length", [(f"1 + {accepted} / {drafts}", "tokens per verification")], "short", width=6,
+          description="Tokens a verified draft yields on average: the accepted drafts plus the target's own token.")
+    d.add("Acceptance rate by draft position",
+          [(f"{rate('tandem_spec_decode_num_accepted_tokens_per_pos_total', by='position')} / on () group_left "
+            f"{drafts}", "position {{position}}")], "percentunit", width=6, defaults={"max": 1, "min": 0},
+          description="Drafts whose token at this position was accepted / drafts verified.")
+    d.add("Share of output from drafts", [(f"{accepted} / {rate('tandem_generation_tokens_total')}", "from drafts")],
+          "percentunit", width=6, defaults={"max": 1, "min": 0},
+          description="Accepted draft tokens / generated tokens (the rest cost one target step each).")
 
 
 def role_rows(d: Layout) -> None:

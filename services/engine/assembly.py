@@ -1,19 +1,20 @@
 """The one place an engine is put together from its config, in this order:
 
     resolve device/dtype -> build the model with its expert backend -> load the weights
-    -> quantize -> CPU backend (kernels) -> proposer -> tokenizer, KV pool, scheduler, runner
+    -> quantize -> CPU backend (kernels) -> tokenizer, KV pool, scheduler, runner -> proposer
 
 Each step gets only its part of the ``EngineConfig``; the variants (expert backend, quantizer,
 proposer) come from their registries with the host's ``HostDeps`` (services/engine/plugins.py).
 The expert backend is chosen before the weights are loaded because the loader installs each
-expert through it. ``LLMEngine`` calls ``assemble`` and nothing else builds engine parts.
+expert through it; the proposer comes last because it is built for the target (``TargetInfo``:
+a draft model checks the target's tokenizer and sizes its own KV pool like the target's).
+``LLMEngine`` calls ``assemble`` and nothing else builds engine parts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -31,6 +32,7 @@ from services.engine.runner import ModelRunner, kv_bytes_per_block
 from services.engine.sampler import Sampler
 from services.engine.scheduler import Scheduler
 from services.engine.spec_decode import PROPOSERS
+from services.engine.spec_decode.base import Proposer, TargetInfo
 from services.engine.tokenizer import Tokenizer
 
 
@@ -48,7 +50,7 @@ class EngineParts:
     kv: KVCacheManager  # block pool, tables, prefix index
     scheduler: Scheduler  # batching and admission over ``kv``
     runner: ModelRunner  # runs a step's tokens through ``model`` over the paged caches
-    proposer: Any | None  # speculative proposer (services/engine/spec_decode); None = off
+    proposer: Proposer | None  # speculative proposer (services/engine/spec_decode); None = off
 
 
 def assemble(config: EngineConfig, deps: HostDeps,
@@ -62,7 +64,6 @@ def assemble(config: EngineConfig, deps: HostDeps,
     model = load_model(config.model, device=device, dtype=dtype, expert_backend=experts)
     model = QUANTIZERS.create(config.quantization, deps)(model)
     cpu_backend = use_cpu_backend(model)  # CPU fp32 / bf16 kernels where they apply; see cpu_backend.py
-    proposer = PROPOSERS.create(config.speculative, deps) if config.speculative is not None else None
     mc = model.config
     max_model_len = config.max_model_len or mc.max_position_embeddings
     if max_model_len > mc.max_position_embeddings:
@@ -77,5 +78,10 @@ def assemble(config: EngineConfig, deps: HostDeps,
     scheduler = Scheduler(config.scheduler, kv, before_free=before_free)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     runner = ModelRunner(model, kv, num_blocks, device, dtype, Sampler(generator))
-    return EngineParts(device, dtype, model, cpu_backend, Tokenizer(config.model), fingerprint, max_model_len,
+    tokenizer = Tokenizer(config.model)
+    proposer = None
+    if config.speculative is not None:
+        target = TargetInfo(mc, tokenizer, device, dtype, cache.block_size, num_blocks, max_model_len, config.seed)
+        proposer = PROPOSERS.create(config.speculative, deps)(target)
+    return EngineParts(device, dtype, model, cpu_backend, tokenizer, fingerprint, max_model_len,
                        kv, scheduler, runner, proposer)

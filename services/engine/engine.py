@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +38,11 @@ class EngineStats:
     num_waiting: int = 0
     kv_blocks_total: int = 0
     kv_blocks_free: int = 0
+    # speculative decoding, vLLM's meanings (tandem_spec_decode_*_total)
+    spec_num_drafts: int = 0  # drafts verified (one per request and step with a draft)
+    spec_num_draft_tokens: int = 0  # draft tokens verified
+    spec_num_accepted_tokens: int = 0  # of those, accepted (bonus and correction tokens not counted)
+    spec_num_accepted_per_pos: list[int] = field(default_factory=list)  # accepted drafts by position 0..k-1
 
 
 class LLMEngine:
@@ -53,6 +58,9 @@ class LLMEngine:
         self.stats = EngineStats(kv_blocks_total=self.kv.pool.num_blocks)
         self._ids = itertools.count()
         self._finish_hooks: list[Callable[[Request, str], None]] = []
+        if self.proposer is not None:
+            self.stats.spec_num_accepted_per_pos = [0] * self.proposer.num_speculative_tokens
+            self._finish_hooks.append(lambda req, reason: self.proposer.release(req.request_id))
 
     def add_finish_hook(self, hook: Callable[[Request, str], None]) -> None:
         """Call ``hook(req, reason)`` whenever a request finishes (stop, length, abort), in the
@@ -241,6 +249,8 @@ class LLMEngine:
     # ---- one step ------------------------------------------------------------------------
     def step(self) -> list[TokenChunk]:
         """Schedule and run one batch; return the output of every request that made progress."""
+        if self.proposer is not None:
+            self._propose()
         out = self.scheduler.schedule()
         self.stats.num_preemptions += len(out.preempted_request_ids)
         if out.is_empty:
@@ -251,33 +261,75 @@ class LLMEngine:
                 self.stats.num_prompt_tokens += req.num_prompt_tokens
                 self.stats.num_cached_prompt_tokens += out.num_cached_tokens[rid]
         requests = self.scheduler.requests
-        result = self.runner.execute(out.num_scheduled_tokens, requests)
-        self.scheduler.update_after_step(out)
+        drafts = out.scheduled_spec_decode_tokens
+        result = self.runner.execute(out.num_scheduled_tokens, requests, drafts)
+        self.scheduler.update_after_step(out, {rid: len(d) - result.num_accepted[rid] for rid, d in drafts.items()})
+        self._count_drafts(drafts, result.num_accepted)
         self.stats.num_prompt_tokens_computed += result.num_prompt_tokens_computed
         self.stats.num_steps += 1
         chunks = []
         for i, rid in enumerate(result.request_ids):
-            lp = result.sample.logprobs[i]
-            chunks.append(self._append_token(requests[rid], result.sample.token_ids[i], lp))
+            chunks.append(self._append_tokens(requests[rid], result.token_ids[i], result.logprobs[i]))
         emitted_at = time.time()  # the step's output is ready (wall clock: compared in other processes)
         for c in chunks:
             c.emitted_at = emitted_at
         return chunks
 
-    def _append_token(self, req: Request, token: int, logprob: dict[int, float] | None) -> TokenChunk:
+    def _propose(self) -> None:
+        """Ask the proposer for the next step's drafts of every running request in decode state
+        that speculates, each at most as long as its remaining max_tokens / context allow."""
+        k = self.proposer.num_speculative_tokens
+        asks, limits = [], []
+        for req in self.scheduler.running:
+            req.spec_token_ids, req.spec_probs = [], None
+            if req.num_tokens - req.num_computed_tokens != 1 or not req.params.speculative:
+                continue
+            # the step emits up to limit + 1 tokens: no more than max_tokens or the context allow
+            limit = min(k, req.params.max_tokens - len(req.output_token_ids) - 1,
+                        self.max_model_len - req.num_tokens - 1)
+            if limit > 0:
+                asks.append(req)
+                limits.append(limit)
+        if not asks:
+            return
+        for req, draft, limit in zip(asks, self.proposer.propose(asks, limits), limits):
+            req.spec_token_ids = list(draft.token_ids[:limit])
+            req.spec_probs = draft.probs
+
+    def _count_drafts(self, drafts: dict[str, list[int]], accepted: dict[str, int]) -> None:
+        s = self.stats
+        for rid, draft in drafts.items():
+            s.spec_num_drafts += 1
+            s.spec_num_draft_tokens += len(draft)
+            s.spec_num_accepted_tokens += accepted[rid]
+            for pos in range(accepted[rid]):
+                s.spec_num_accepted_per_pos[pos] += 1
+
+    def _append_tokens(self, req: Request, tokens: list[int], logprobs: list | None) -> TokenChunk:
+        """Append a step's new tokens one by one, with the stop checks decoding without
+        speculation makes after each; tokens after the one that finishes the request are
+        dropped. Returns one chunk for all of them."""
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
-        req.output_token_ids.append(token)
-        if req.logprobs is not None:
-            req.logprobs.append(logprob)
-        self.stats.num_generated_tokens += 1
-        delta = self.detokenizer.step(req)
-        reason = self._stop_reason(req, token, len(delta))
+        reason, kept = None, 0
+        for j, token in enumerate(tokens):
+            req.output_token_ids.append(token)
+            if req.logprobs is not None:
+                req.logprobs.append(logprobs[j] if logprobs is not None else None)
+            self.stats.num_generated_tokens += 1
+            kept += 1
+            delta = self.detokenizer.step(req)
+            reason = self._stop_reason(req, token, len(delta))
+            if reason is not None:
+                break
+        req.spec_token_ids, req.spec_probs = [], None
+        if len(tokens) > 1:  # accepted drafts are computed: publish the blocks they filled
+            self.kv.cache_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
         if reason is not None:
             if not (reason == "stop" and isinstance(req.stop_reason, str)):
                 self.detokenizer.flush(req)
             self.scheduler.finish(req, reason)
-        return self._chunk(req, [token], None if logprob is None else [logprob], flush=reason is not None)
+        return self._chunk(req, tokens[:kept], None if logprobs is None else logprobs[:kept], flush=reason is not None)
 
     def _stop_reason(self, req: Request, token: int, delta_len: int) -> str | None:
         p = req.params
@@ -312,7 +364,7 @@ class LLMEngine:
         s = self.stats
         s.num_running, s.num_waiting = self.scheduler.num_running, self.scheduler.num_waiting
         s.kv_blocks_free = self.kv.num_free_blocks
-        return EngineStats(**vars(s))
+        return EngineStats(**{**vars(s), "spec_num_accepted_per_pos": list(s.spec_num_accepted_per_pos)})
 
     def cached_block_hashes(self, limit: int) -> list[bytes]:
         """Hashes of the newest ``limit`` full blocks in the local prefix cache, oldest first

@@ -45,6 +45,10 @@ class Request:
     generator: torch.Generator | None = None  # per-request RNG when params.seed is set (see sampling_generator)
     first_token_time: float | None = None
     scheduled_time: float | None = None  # monotonic time it first entered the running batch
+    # speculative decoding: the draft proposed for the next step (services/engine/spec_decode);
+    # verified when that step schedules it, cleared after every step
+    spec_token_ids: list[int] = field(default_factory=list)  # proposed tokens after the known ones
+    spec_probs: torch.Tensor | None = None  # [len(spec_token_ids), V] the proposer's q; None = one-hot
     # detokenizer state (see Detokenizer)
     text: str = ""
     prefix_offset: int = 0

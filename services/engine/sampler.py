@@ -73,6 +73,10 @@ class Sampler:
                 out[i] = torch.multinomial(probs[i], 1, generator=g)[0]
         return out
 
+    def token_logprobs(self, logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]):
+        """Per row: {chosen token: logprob} plus the top-n the row's params ask for (None if none)."""
+        return self._logprobs(logits.float(), params, tokens)
+
     @staticmethod
     def _logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]):
         rows = [i for i, p in enumerate(params) if p.logprobs is not None]

@@ -31,6 +31,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past the model's EOS tokens
     logprobs: int | None = None  # return the sampled token's logprob plus the top-n (0..20)
     skip_special_tokens: bool = True  # leave special tokens out of the returned text
+    speculative: bool = True  # False: this request never verifies drafts (per-request opt-out)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _as_tuple(self.stop, "stop", str))
@@ -50,6 +51,7 @@ class SamplingParams:
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                "logprobs", f"must be between 0 and {MAX_LOGPROBS}, got {self.logprobs!r}")
         _check(all(s for s in self.stop), "stop", "stop strings must not be empty")
+        _check(isinstance(self.speculative, bool), "speculative", f"must be true or false, got {self.speculative!r}")
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "token ids must be >= 0")
 
     @property

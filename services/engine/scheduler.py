@@ -6,6 +6,13 @@ unfinished prompt chunks take what is left of their prompt), then waiting reques
 no room for a running request, the lowest-priority running request is preempted: its
 blocks are freed and it is recomputed from scratch later (its generated tokens are kept
 and recomputed as part of its prompt).
+
+Speculative decoding: a running request whose only uncomputed token is its last sampled one
+(decode state) and that carries a draft (``Request.spec_token_ids``, set by the engine's
+proposer) is scheduled for ``1 + k`` tokens, its draft trimmed to fit the budget (vLLM's
+``scheduled_spec_decode_tokens``). A draft never causes a preemption: when its slots do not
+fit, the request decodes one token as without speculation. After the step the rejected
+drafts' slots are rolled back (``update_after_step``).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from services.engine.config import SchedulerConfig
@@ -33,6 +40,8 @@ class SchedulerOutput:
     new_request_ids: list[str] = field(default_factory=list)  # admitted (or resumed) this step
     preempted_request_ids: list[str] = field(default_factory=list)  # lost their blocks this step
     num_cached_tokens: dict[str, int] = field(default_factory=dict)  # prefix-cache hits of new ones
+    # draft tokens verified this step, per request (each also counted in num_scheduled_tokens)
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -141,6 +150,13 @@ class Scheduler:
             if n == 0:
                 i += 1
                 continue
+            draft = self._fit_draft(req, budget)
+            if draft:
+                out.num_scheduled_tokens[req.request_id] = 1 + len(draft)
+                out.scheduled_spec_decode_tokens[req.request_id] = draft
+                budget -= 1 + len(draft)
+                i += 1
+                continue
             while not self.kv.allocate(req, n):
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -153,12 +169,24 @@ class Scheduler:
                 i += 1
         return preempted
 
+    def _fit_draft(self, req: Request, budget: int) -> list[int]:
+        """The part of a decode-state request's draft that fits ``budget`` (with its last token)
+        and whose slots could be reserved now, or []."""
+        if not req.spec_token_ids or req.num_tokens - req.num_computed_tokens != 1:
+            return []
+        draft = req.spec_token_ids[:budget - 1]
+        if draft and self.kv.allocate(req, 1 + len(draft)):
+            return draft
+        return []
+
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
+        req.spec_token_ids, req.spec_probs = [], None
         out.num_scheduled_tokens.pop(req.request_id, None)
+        out.scheduled_spec_decode_tokens.pop(req.request_id, None)
         out.preempted_request_ids.append(req.request_id)
         self._push_waiting(req)
 
@@ -185,12 +213,21 @@ class Scheduler:
             out.num_cached_tokens[req.request_id] = num_cached
             budget -= n
 
-    def update_after_step(self, out: SchedulerOutput) -> None:
-        """Advance computed-token counts and publish newly full blocks for reuse."""
+    def update_after_step(self, out: SchedulerOutput, num_rejected: Mapping[str, int] | None = None) -> None:
+        """Advance computed-token counts and publish newly full blocks for reuse.
+
+        ``num_rejected[rid]``: draft tokens of ``rid`` the verifier rejected; their slots are
+        rolled back. Accepted drafts count as computed although the engine appends them to the
+        request's output only afterwards, so blocks are published only up to the known tokens
+        (the engine publishes the rest once it has appended them).
+        """
         for rid, n in out.num_scheduled_tokens.items():
             req = self.requests[rid]
-            req.num_computed_tokens += n
-            self.kv.cache_full_blocks(req, req.num_computed_tokens)
+            rejected = num_rejected.get(rid, 0) if num_rejected else 0
+            req.num_computed_tokens += n - rejected
+            if rejected:
+                self.kv.rollback(req, req.num_computed_tokens)
+            self.kv.cache_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
 
 
 class _Shifted:

@@ -70,6 +70,10 @@ CONTRACT: dict[str, str] = {
     "tandem_redis_breaker_open": "gauge",
     "tandem_kv_transfer_bytes_total": "counter",
     "tandem_kv_transfer_seconds": "histogram",
+    "tandem_spec_decode_num_drafts_total": "counter",
+    "tandem_spec_decode_num_draft_tokens_total": "counter",
+    "tandem_spec_decode_num_accepted_tokens_total": "counter",
+    "tandem_spec_decode_num_accepted_tokens_per_pos_total": "counter",
 }
 FINISH_REASONS = ("stop", "length", "abort")
 # Status codes a request fails with (router/errors.py), exported at 0 from the start so that
@@ -170,6 +174,23 @@ def _get(source: Any, name: str, default: float = 0) -> float:
     return float(value or 0)
 
 
+def _spec_decode_counters(ids: list[str], s: Any) -> Iterable:
+    """Speculative decoding counters with vLLM's names and meanings (``vllm:spec_decode_*``)."""
+    for name, doc, field_name in (
+            ("tandem_spec_decode_num_drafts", "Drafts verified (one per request and step with a draft)",
+             "spec_num_drafts"),
+            ("tandem_spec_decode_num_draft_tokens", "Draft tokens verified", "spec_num_draft_tokens"),
+            ("tandem_spec_decode_num_accepted_tokens", "Draft tokens accepted", "spec_num_accepted_tokens")):
+        c = CounterMetricFamily(name, doc, labels=LABELS)
+        c.add_metric(ids, _get(s, field_name))
+        yield c
+    per_pos = CounterMetricFamily("tandem_spec_decode_num_accepted_tokens_per_pos",
+                                  "Draft tokens accepted, by position in the draft", labels=LABELS + ("position",))
+    for pos, n in enumerate(getattr(s, "spec_num_accepted_per_pos", None) or ()):
+        per_pos.add_metric(ids + [str(pos)], float(n))
+    yield per_pos
+
+
 class EngineCollector:
     """Scrape-time gauges of an engine and counters of its prefix store.
 
@@ -215,6 +236,7 @@ class EngineCollector:
             for tier in sorted(set(PREFIX_TIERS) | set(by_tier)):
                 c.add_metric(ids + [str(tier)], float(by_tier.get(tier, 0) or 0))
             yield c
+        yield from _spec_decode_counters(ids, s)
         corrupt = CounterMetricFamily("tandem_prefix_cache_corrupt_blobs", "Redis KV blobs that failed their "
                                       "format check (deleted, counted as misses)", labels=LABELS)
         corrupt.add_metric(ids, _get(store, "corrupt_blobs"))
