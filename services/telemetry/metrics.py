@@ -186,7 +186,8 @@ def _spec_decode_counters(ids: list[str], s: Any) -> Iterable:
         yield c
     per_pos = CounterMetricFamily("tandem_spec_decode_num_accepted_tokens_per_pos",
                                   "Draft tokens accepted, by position in the draft", labels=LABELS + ("position",))
-    for pos, n in enumerate(getattr(s, "spec_num_accepted_per_pos", None) or ()):
+    # without a proposer one position-0 series at 0, so the family is always exported (the dashboards)
+    for pos, n in enumerate(getattr(s, "spec_num_accepted_per_pos", None) or (0,)):
         per_pos.add_metric(ids + [str(pos)], float(n))
     yield per_pos
 

@@ -94,9 +94,13 @@ def descendants(root: int) -> set[int]:
 
 def _name(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")[:80]
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
     except OSError:
         return "?"
+    # an executable's file name ("gcs_server"), not its path (a deep checkout cut it off), or a
+    # process title ("ray::ServeReplica:tandem:Router", "redis-server 127.0.0.1:6379")
+    head = argv0.split(" ")[0]
+    return (Path(head).name + argv0[len(head):] if "/" in head else argv0)[:80]
 
 
 def listeners(pids: set[int]) -> list[Listener]:
