@@ -100,7 +100,7 @@ def test_bf16_path_matches_transformers_bf16(tmp_path, case, variant):
     assert torch.equal(ours.argmax(-1)[clear], ref_rounded.argmax(-1)[clear])
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8, 32])
 def test_bf16_decode_stack_matches_the_module_path(tmp_path, rows):
     """One decode step through the stack over bf16 weights and a bf16 cache gives the hidden
     states and KV writes of the same kernels run module by module."""

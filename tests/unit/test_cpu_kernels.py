@@ -231,8 +231,11 @@ def test_engine_backend_uses_the_kernels_and_the_decode_stack(ops, tmp_path):
     assert model.decode_mask_needed is False
     assert all(isinstance(m.self_attn.qkv_proj, PanelLinear) for m in model.layers)
     assert len(model.decode_stack) == len(model.layers)
-    assert model.uses_decode_stack(SMALL_ROWS, _decode_meta(1))
-    assert not model.uses_decode_stack(SMALL_ROWS + 1, _decode_meta(1))
+    # the stack takes what the module path runs on kernels: 8 rows in avx2 builds (torch's matmul
+    # past that), any decode batch up to 512 where linear_medium exists (avx512)
+    assert ops.MAX_STACK_ROWS == (512 if hasattr(ops, "linear_medium") else SMALL_ROWS)
+    assert model.uses_decode_stack(ops.MAX_STACK_ROWS, _decode_meta(1))
+    assert not model.uses_decode_stack(ops.MAX_STACK_ROWS + 1, _decode_meta(1))
     if onednn_available():
         assert use_cpu_backend(load_model(path), kernels=False) == "onednn"
     # a head size the kernels' attention does not take: torch attention and mask, kernels elsewhere
@@ -257,10 +260,11 @@ def _decode_meta(rows: int, seq_len: int = 1):
                              decode_seq_lens=torch.full((rows,), seq_len), prefills=())
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 32])
 def test_decode_stack_matches_the_module_path(ops, tmp_path, rows):
     """One decode step through the stack gives the hidden states and KV writes of the same
-    kernels run module by module (summation order is the same, so to rounding)."""
+    kernels run module by module (summation order is the same, so to rounding); past 8 rows
+    (avx512 builds) the stack's linears are linear_medium, as the modules' are."""
     from services.engine.make_model import make_model
     from services.engine.model.cpu_backend import use_cpu_backend
     from services.engine.model.registry import load_model
@@ -272,6 +276,7 @@ def test_decode_stack_matches_the_module_path(ops, tmp_path, rows):
     caches = [torch.randn(2, c.num_kv_heads, rows, 16, c.head_dim, generator=g) for _ in model.layers]
     ids = torch.randint(0, c.vocab_size, (rows,), generator=g)
     meta, pos = _decode_meta(rows, seq_len=5), torch.full((rows,), 4)
+    assert model.uses_decode_stack(rows, meta) == (rows <= ops.MAX_STACK_ROWS)
     with torch.inference_mode():
         stack_caches = [t.clone() for t in caches]
         via_stack = model(ids, pos, stack_caches, meta)

@@ -366,10 +366,21 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, con
 
 // ---- the decoder stack for a decode-only step ----------------------------------------------------
 
-// A decode-row linear over either weight layout: fp32 panel64 [NB, K, 64] (linear_small) or bf16
+// Rows of a decode step the stack takes: 8 (linear_small's) in the avx2 build, where fp32 rows
+// past 8 run torch's matmul in the module path; in the avx512 build any decode batch up to this,
+// since linear_medium is what the module path runs for 9+ fp32 rows (and linear_bf16 takes any M).
+// Per-layer Python dispatch cost ~6 ms of a 77 ms step at 32 rows (SmolLM2, 30 layers).
+constexpr int64_t kMaxStackRows = TANDEM_AVX512 ? 512 : kMaxSmallRows;
+
+// A decode-row linear over either weight layout, the kernel the module path (packing.py) runs for
+// these rows: fp32 panel64 [NB, K, 64] (linear_small up to 8 rows, then linear_medium) or bf16
 // pair panels [NB, K2, 64, 2] (linear_bf16, vdpbf16ps where the CPU has it).
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, int64_t n) {
-  return w.scalar_type() == at::kBFloat16 ? linear_bf16(x, w, bias, n, true) : linear_small(x, w, bias, n);
+  if (w.scalar_type() == at::kBFloat16) return linear_bf16(x, w, bias, n, true);
+#if TANDEM_AVX512
+  if (x.size(0) > kMaxSmallRows) return linear_medium(x, w, bias, n);
+#endif
+  return linear_small(x, w, bias, n);
 }
 
 // One dense pre-norm layer's fixed arguments (no q/k norm, SwiGLU MLP, panel64 or pair-panel
@@ -385,7 +396,7 @@ struct DecodeLayerWeights {
   int64_t window;               // sliding window, 0 = none
 };
 
-// One layer for T <= 8 decode rows: the same kernels in the same order as the module path
+// One layer for T <= kMaxStackRows decode rows: the same kernels in the same order as the module path
 // (services/engine/model/decoder.py). x [T, D] is the previous layer's output; stream [T, D] the
 // residual stream before adding it (undefined for layer 0, where x is the embeddings and becomes
 // the stream). cos/sin [T, 1, Dh/2]; kv_cache, slots, block_tables, seq_lens as for write_kv /
@@ -446,14 +457,14 @@ class DecodeStack {
                        gate_up_w, down_w, num_heads, num_kv_heads, head_dim, intermediate, scale, window});
   }
 
-  // input_ids, positions [T <= 8] int64; kv_caches one per layer -> hidden [T, D] after the final
+  // input_ids, positions [T <= kMaxStackRows] int64; kv_caches one per layer -> hidden [T, D] after the final
   // norm (CausalLM.forward's result). Ids or positions outside the tables raise (index_select).
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, const std::vector<at::Tensor>& kv_caches,
                      const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& seq_lens) const {
     TORCH_CHECK(kv_caches.size() == layers_.size(), "one kv cache per layer: ", layers_.size(), " layers, ",
                 kv_caches.size(), " caches");
-    TORCH_CHECK(input_ids.dim() == 1 && input_ids.size(0) >= 1 && input_ids.size(0) <= kMaxSmallRows,
-                "the decode stack takes 1..", kMaxSmallRows, " rows");
+    TORCH_CHECK(input_ids.dim() == 1 && input_ids.size(0) >= 1 && input_ids.size(0) <= kMaxStackRows,
+                "the decode stack takes 1..", kMaxStackRows, " rows");
     TORCH_CHECK(positions.sizes() == input_ids.sizes(), "one position per input id");
     const at::Tensor cs = cos_sin_.index_select(0, positions);  // [T, Dh]
     const int64_t half = cs.size(1) / 2;
@@ -497,7 +508,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one-query attention over the paged cache", release());
   m.def("prefill_attention", &prefill_attention, "causal attention of a prompt chunk over its keys",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("window"), release());
-  py::class_<DecodeStack>(m, "DecodeStack", "a dense model's decoder layers for decode steps of <= 8 rows",
+  py::class_<DecodeStack>(m, "DecodeStack", "a dense model's decoder layers for decode-only steps (MAX_STACK_ROWS rows)",
                           py::module_local())
       .def(py::init<at::Tensor, at::Tensor, at::Tensor, double>(), py::arg("embed"), py::arg("cos_sin"),
            py::arg("norm_weight"), py::arg("norm_eps"))
@@ -514,9 +525,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   op_isa["linear_medium"] = TANDEM_AVX512 ? "avx512" : "torch (batched matmul over the panels)";
   for (const char* op : {"rms_norm", "rope_", "silu_and_mul", "write_kv", "decode_attention", "prefill_attention"})
     op_isa[op] = "avx2";
-  op_isa["DecodeStack"] = std::string("linear_small ") + linear_small_isa() + ", linear_bf16 " + linear_bf16_isa() +
+  op_isa["DecodeStack"] = std::string("linear_small ") + linear_small_isa() + (TANDEM_AVX512 ? ", linear_medium avx512" : "") +
+                          ", linear_bf16 " + linear_bf16_isa() +
                           ", the rest avx2";
   m.attr("OP_ISA") = op_isa;
   m.attr("PANEL") = kPanel;
   m.attr("MAX_SMALL_ROWS") = kMaxSmallRows;
+  m.attr("MAX_STACK_ROWS") = kMaxStackRows;
 }

@@ -44,6 +44,8 @@ def use_cpu_kernels(model: nn.Module, ops) -> nn.Module:
                                              model.norm.eps)
         for layer in layers:
             model.decode_stack.add_layer(*layer.decode_weights())
+        # the build's limit: 8 rows in avx2 builds, any decode batch up to 512 in avx512 ones
+        model.decode_stack_rows = ops.MAX_STACK_ROWS
     return model
 
 

@@ -128,13 +128,14 @@ class CausalLM(nn.Module):
                                                                     dtype=dtype)
         self.linear_fn = F.linear  # GEMM of the tied LM head; a CPU backend may swap it (packing.py)
         self.rotary = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling)
-        # every layer in one kernel call for decode-only steps of <= SMALL_ROWS rows; the CPU
-        # backend sets it when all layers are ``fusable`` (cpu_backend.py), else None
+        # every layer in one kernel call for decode-only steps of <= decode_stack_rows rows; the
+        # CPU backend sets both when all layers are ``fusable`` (cpu_backend.py), else None
         self.decode_stack = None
+        self.decode_stack_rows = SMALL_ROWS
 
     def uses_decode_stack(self, num_tokens: int, meta: AttentionMetadata) -> bool:
-        """A decode-only step of at most ``SMALL_ROWS`` rows on a model with a decode stack."""
-        return self.decode_stack is not None and not meta.prefills and num_tokens <= SMALL_ROWS
+        """A decode-only step of at most ``decode_stack_rows`` rows on a model with a decode stack."""
+        return self.decode_stack is not None and not meta.prefills and num_tokens <= self.decode_stack_rows
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
