@@ -77,13 +77,14 @@ def deploy_apps(model: str, redis_url: str | None, names: list[str], engine: dic
 async def ttft(stub, prompt: list[int], output_len: int) -> tuple[float, int]:
     """(seconds to the first response message, usage.cached_prompt_tokens)."""
     from protos.tandem.v1 import generation_pb2 as pb
+    from router.client import call_metadata
 
     req = pb.GenerateRequest(prompt_token_ids=prompt, sampling=pb.SamplingParams(
         max_tokens=output_len, temperature=0, ignore_eos=True))
     t0 = time.perf_counter()
     first = None
     last = None
-    async for msg in stub.Generate(req, timeout=600):
+    async for msg in stub.Generate(req, timeout=600, metadata=call_metadata()):
         if first is None:
             first = time.perf_counter() - t0
         last = msg

@@ -29,6 +29,7 @@ from bench.workload import percentiles
 
 async def conversation(stubs, c: int, args, system: list[int], rng: random.Random, out: dict) -> None:
     from protos.tandem.v1 import generation_pb2 as pb
+    from router.client import call_metadata
 
     history = list(system)
     for t in range(args.turns):
@@ -37,7 +38,7 @@ async def conversation(stubs, c: int, args, system: list[int], rng: random.Rando
             max_tokens=args.output_len, temperature=0, ignore_eos=True))
         t0 = time.perf_counter()
         first, answer, cached = None, [], 0
-        async for msg in stubs[(c + t) % len(stubs)].Generate(req, timeout=600):
+        async for msg in stubs[(c + t) % len(stubs)].Generate(req, timeout=600, metadata=call_metadata()):
             first = first if first is not None else time.perf_counter() - t0
             answer += list(msg.token_ids)
             cached = msg.usage.cached_prompt_tokens or cached
@@ -53,11 +54,13 @@ def prefix_counters(addresses: dict[str, str]) -> dict[str, float]:
     import grpc
 
     from protos.tandem.v1 import admin_pb2, admin_pb2_grpc
+    from router.client import call_metadata
 
     totals: dict[str, float] = {}
     for address in addresses.values():
         with grpc.insecure_channel(address) as ch:
-            stats = admin_pb2_grpc.AdminStub(ch).GetWorkerStats(admin_pb2.GetWorkerStatsRequest(), timeout=30).workers
+            stats = admin_pb2_grpc.AdminStub(ch).GetWorkerStats(admin_pb2.GetWorkerStatsRequest(), timeout=30,
+                                                                    metadata=call_metadata()).workers
         for s in stats:
             if s.role not in ("prefill", "unified") or not s.metrics_address:
                 continue

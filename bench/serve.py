@@ -9,7 +9,9 @@ Load: closed loop (``--concurrency`` requests in flight, each client sends its n
 when its previous one ends) or open loop (``--request-rate`` Poisson arrivals per second,
 optionally capped by ``--concurrency``). Prompts are random token ids (``bench.workload``
 formula), lengths fixed or uniform in ``len * [1 - r, 1 + r]``; outputs are greedy with
-ignore_eos so every request produces exactly its output length.
+ignore_eos so every request produces exactly its output length. Every call carries
+``authorization: Bearer $TANDEM_API_KEY`` when that variable is set (as `tandem generate`:
+router/client.py), so the load reaches a router with API keys on.
 
 Metrics per request: TTFT = first token - send; e2e = last message - send;
 TPOT = (e2e - TTFT) / (output tokens - 1); ITL = gap between messages / tokens in the later
@@ -78,21 +80,24 @@ class GrpcTarget:
 
         from protos.tandem.v1 import generation_pb2 as pb
         from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
+        from router.client import call_metadata
 
         self.grpc, self.pb = grpc, pb
+        self.metadata = call_metadata()  # the API key from TANDEM_API_KEY, if set
         self.channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
         self.stub = pb_grpc.GenerationStub(self.channel)
 
     async def vocab_size(self) -> int:
-        return (await self.stub.GetModelInfo(self.pb.GetModelInfoRequest(), timeout=30)).vocab_size
+        return (await self.stub.GetModelInfo(self.pb.GetModelInfoRequest(), timeout=30,
+                                             metadata=self.metadata)).vocab_size
 
     async def run(self, spec: RequestSpec, result: RequestResult, timeout: float) -> None:
         pb = self.pb
         req = pb.GenerateRequest(prompt_token_ids=spec.prompt_ids, sampling=pb.SamplingParams(
             max_tokens=spec.output_len, temperature=0, ignore_eos=True))
         try:
-            await _consume(((len(r.token_ids), r.finish_reason) async for r in self.stub.Generate(req, timeout=timeout)),
-                           result)
+            messages = self.stub.Generate(req, timeout=timeout, metadata=self.metadata)
+            await _consume(((len(r.token_ids), r.finish_reason) async for r in messages), result)
         except self.grpc.RpcError as exc:
             result.ok, result.status = False, exc.code().name
 
@@ -288,8 +293,14 @@ async def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import grpc
+
     args = parse_args(argv)
-    summary = asyncio.run(run(args))
+    try:
+        summary = asyncio.run(run(args))
+    except grpc.RpcError as exc:  # e.g. UNAUTHENTICATED: keys on and no (or a wrong) TANDEM_API_KEY
+        print(f"tandem bench serve: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 2
     print_table(summary)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))

@@ -198,7 +198,8 @@ class LLMEngine:
         if n == 0 or not self.kv.enable_prefix_caching or need > self.kv.num_free_blocks:
             return 0
         blocks = self.kv.import_blocks(request_id, hashes[:n])
-        self.runner.write_kv(blocks, kv[:, :, :n])
+        if blocks:  # the leading hashes another request imported meanwhile are only pinned
+            self.runner.write_kv(blocks, kv[:, :, n - len(blocks):n])
         return n
 
     def release_prefix_pins(self, request_id: str) -> None:

@@ -186,17 +186,32 @@ class KVCacheManager:
         return len(blocks)
 
     def import_blocks(self, request_id: str, hashes: Sequence[bytes]) -> list[int]:
-        """Allocate one block per hash, publish it as cached under that hash and pin it.
+        """Pin the leading ``hashes`` that are cached already (imported meanwhile for another
+        request: two lookups of one prefix ran at once), then allocate one block per remaining
+        hash, publish it as cached under that hash and pin it. Returns the new blocks, those
+        of ``hashes[len(hashes) - len(result):]``; every hash counts as imported.
 
-        The caller must write the blocks' KV before the next step (the engine holds its step
-        lock). Requires ``len(hashes) <= num_free_blocks``.
+        The caller must write the new blocks' KV before the next step (the engine holds its
+        step lock). Requires ``len(hashes) <= num_free_blocks``.
         """
-        blocks = self.pool.allocate(len(hashes))
-        for b, h in zip(blocks, hashes):
+        again = self.pin_cached_prefix(request_id, hashes)
+        blocks = self.pool.allocate(len(hashes) - again)
+        for b, h in zip(blocks, hashes[again:]):
             self.pool.set_hash(b, h)
         self._pins.setdefault(request_id, []).extend(blocks)
-        self._imported[request_id] = self._imported.get(request_id, 0) + len(blocks)
+        self._imported[request_id] = self._imported.get(request_id, 0) + len(hashes)
         return blocks
+
+    def drop_newest_pins(self, last: str) -> bool:
+        """Drop every pin of the most recently pinned request, ``last``'s only when no other
+        request holds any; False when there are none. The blocks stay cached (reusable until
+        LRU hands them out again): a pin only protects them, so dropping one costs its request
+        at most a recompute."""
+        rid = next((r for r in reversed(self._pins) if r != last), last if last in self._pins else None)
+        if rid is None:
+            return False
+        self.unpin(rid)
+        return True
 
     def unpin(self, request_id: str) -> None:
         """Drop the pins held for ``request_id`` (at admission, or when it ends unadmitted)."""

@@ -3,9 +3,10 @@
 Each step it hands out a token budget: running requests first (decodes take 1 token,
 unfinished prompt chunks take what is left of their prompt), then waiting requests in
 (priority, arrival) order, each possibly starting from a cached prefix. When the pool has
-no room for a running request, the lowest-priority running request is preempted: its
-blocks are freed and it is recomputed from scratch later (its generated tokens are kept
-and recomputed as part of its prompt).
+no room for a running request, the prefix pins of unadmitted requests are dropped first
+(``_allocate``), then the lowest-priority running request is preempted: its blocks are freed
+and it is recomputed from scratch later (its generated tokens are kept and recomputed as part
+of its prompt).
 
 Speculative decoding: a running request whose only uncomputed token is its last sampled one
 (decode state) and that carries a draft (``Request.spec_token_ids``, set by the engine's
@@ -157,7 +158,7 @@ class Scheduler:
                 budget -= 1 + len(draft)
                 i += 1
                 continue
-            while not self.kv.allocate(req, n):
+            while not self._allocate(req, n):
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 preempted = True
@@ -168,6 +169,19 @@ class Scheduler:
                 budget -= n
                 i += 1
         return preempted
+
+    def _allocate(self, req: Request, n: int, cached: list[int] = ()) -> bool:
+        """``kv.allocate``, dropping prefix pins of unadmitted requests while the pool is short:
+        other requests' first (newest first), ``req``'s own last (the blocks it finds stay
+        cached; only duplicates go). Pins only keep cached blocks from LRU reuse until their
+        request is admitted; without this, the pins of requests queued behind the head of the
+        queue could hold the blocks it needs while nothing runs, and no step would ever free one
+        (issue 18's hang). Dropping pins comes before preempting a running request (cheaper).
+        So with nothing running the head always fits (``LLMEngine.check_lengths`` bounds it)."""
+        while not self.kv.allocate(req, n, cached):
+            if not self.kv.drop_newest_pins(last=req.request_id):
+                return False
+        return True
 
     def _fit_draft(self, req: Request, budget: int) -> list[int]:
         """The part of a decode-state request's draft that fits ``budget`` (with its last token)
@@ -196,7 +210,7 @@ class Scheduler:
             cached = self.kv.find_cached_prefix(req)
             num_cached = len(cached) * self.kv.block_size
             n = self._num_new_tokens(_Shifted(req, num_cached), budget)
-            if n == 0 or not self.kv.allocate(req, n, cached):
+            if n == 0 or not self._allocate(req, n, cached):
                 break
             self._pop_waiting()
             req.num_computed_tokens = num_cached

@@ -8,12 +8,14 @@
 2. Keys on (TANDEM_API_KEYS, an admin key file, TANDEM_REDIS_PASSWORD): no key or a wrong one
    is UNAUTHENTICATED over real gRPC, health stays open, `tandem generate` sends
    TANDEM_API_KEY, Admin takes only its own key, one key's caller can neither abort nor
-   collide with another's request ids, and the redis-server tandem started requires AUTH
-   while the workers (which have the password) fill it.
+   collide with another's request ids, the redis-server tandem started requires AUTH
+   while the workers (which have the password) fill it, and `tandem bench serve` sends
+   TANDEM_API_KEY too.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -55,6 +57,13 @@ def generate(port: int, prompt: str = "The for statement", **env: str) -> subpro
                           env=user_env(**env))
 
 
+def bench_serve(port: int, summary, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "router.cli", "bench", "serve", "--address", f"127.0.0.1:{port}",
+                           "--num-prompts", "4", "--concurrency", "2", "--input-len", "24", "--output-len", "4",
+                           "--warmup", "1", "--no-progress", "--json", str(summary)],
+                          capture_output=True, text=True, timeout=120, env=user_env(**env))
+
+
 def test_default_tandem_serve_listens_on_loopback_only(tiny_model, tmp_path):
     port = free_port()
     with tandem_serve(tiny_model, port, tmp_path / "serve.log", env=user_env()) as proc:
@@ -65,6 +74,8 @@ def test_default_tandem_serve_listens_on_loopback_only(tiny_model, tmp_path):
         off = [item for item in found if not item.loopback]
         router_ports = {(item.address, item.port) for item in found if "Router" in item.name}
         stop(proc)
+    print(f"\n[listener audit] {len(found)} listening TCP sockets of {len({i.pid for i in found})} processes, "
+          f"{len(off)} off loopback")
     # the audit saw the whole cluster: Ray's core, its agents, Serve's replicas, redis, the router
     for part in ("gcs_server", "raylet", "DashboardAgent", "RuntimeEnvAgent", "ServeController",
                  "ServeReplica:tandem:Router", "ServeReplica:tandem:UnifiedWorker", "redis-server"):
@@ -105,6 +116,9 @@ def test_keys_on_guard_generation_admin_abort_and_the_started_redis(tiny_model, 
         assert "AUTH required" in log.read_text() and REDIS_PASSWORD not in log.read_text()
         long_prompt = "The for statement in Python iterates over the items of any sequence " * 6  # > 1 KV block
         refused, allowed = generate(port), generate(port, long_prompt, TANDEM_API_KEY=KEY_B)
+        bench_summary = tmp_path / "bench.json"
+        bench_ok = bench_serve(port, bench_summary, TANDEM_API_KEY=KEY_A)
+        bench_refused = bench_serve(port, tmp_path / "refused.json")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             gen, adm = pb_grpc.GenerationStub(channel), admin_pb2_grpc.AdminStub(channel)
             info = pb.GetModelInfoRequest()
@@ -126,6 +140,11 @@ def test_keys_on_guard_generation_admin_abort_and_the_started_redis(tiny_model, 
         stop(proc)
     assert refused.returncode == 1 and "UNAUTHENTICATED: missing API key" in refused.stderr
     assert allowed.returncode == 0 and "completion_tokens=4" in allowed.stdout, allowed.stderr
+    assert bench_ok.returncode == 0, bench_ok.stderr[-2000:]
+    summary = json.loads(bench_summary.read_text())
+    assert summary["completed"] == 4 and summary["failed"] == 0
+    assert bench_refused.returncode == 2 and "UNAUTHENTICATED: missing API key" in bench_refused.stderr
+    assert "Traceback" not in bench_refused.stderr
     unauth = grpc.StatusCode.UNAUTHENTICATED
     assert codes == {"none": unauth, "wrong": unauth, "right": grpc.StatusCode.OK, "admin/api-key": unauth}
     assert stats.workers and health.status == health_pb2.HealthCheckResponse.SERVING

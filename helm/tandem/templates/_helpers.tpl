@@ -144,9 +144,35 @@ bind address and port, prefix_store.url, and the placement resources of every de
       name: {{ include "tandem.redisSecretName" . }}
       key: {{ .Values.redis.auth.existingSecretPasswordKey }}
 {{- end }}
+{{- if .Values.auth.existingSecret }}
+- name: TANDEM_API_KEYS_FILE
+  value: {{ printf "%s/%s" (trimSuffix "/" .Values.auth.mountPath) .Values.auth.apiKeysKey | quote }}
+{{- if .Values.auth.adminKeysKey }}
+- name: TANDEM_ADMIN_API_KEYS_FILE
+  value: {{ printf "%s/%s" (trimSuffix "/" .Values.auth.mountPath) .Values.auth.adminKeysKey | quote }}
+{{- end }}
+{{- end }}
 {{- with .Values.rayCluster.extraEnv }}
 {{ toYaml . }}
 {{- end }}
+{{- end -}}
+
+{{/* The API-key Secret (auth.existingSecret) as a volume of every Ray pod, and its read-only
+mount (the files keep Kubernetes' default mode: the Ray image's user is not root). Included only
+when auth.existingSecret is set. */}}
+{{- define "tandem.authVolume" -}}
+- name: api-keys
+  secret:
+    secretName: {{ .Values.auth.existingSecret }}
+    items:
+      - {key: {{ .Values.auth.apiKeysKey }}, path: {{ .Values.auth.apiKeysKey }}}
+      {{- if .Values.auth.adminKeysKey }}
+      - {key: {{ .Values.auth.adminKeysKey }}, path: {{ .Values.auth.adminKeysKey }}}
+      {{- end }}
+{{- end -}}
+
+{{- define "tandem.authVolumeMount" -}}
+- {name: api-keys, mountPath: {{ .Values.auth.mountPath }}, readOnly: true}
 {{- end -}}
 
 {{/* Volumes for Ray's shared memory (the object store). */}}
