@@ -4,9 +4,9 @@
 
 For ``local`` (every expert resident) and ``offload`` at each resident fraction (file tier:
 experts read from the safetensors files on demand), each in a fresh process (clean RSS):
-the checkpoint's page cache is dropped first where the machine allows (``/proc/sys/vm/
-drop_caches`` as root, else ``posix_fadvise(DONTNEED)`` on every file, which drops the clean
-pages no one else maps), then per concurrency c, c greedy requests (``--prompt-len`` random
+the checkpoint's page cache is dropped first (``posix_fadvise(DONTNEED)`` on every file,
+which drops the clean pages no one maps; ``--drop-caches``: ``/proc/sys/vm/drop_caches`` as
+root, the whole machine's), then per concurrency c, c greedy requests (``--prompt-len`` random
 ids, ``--output-len`` new tokens, ignore_eos) submitted together; decode tok/s = tokens after
 each request's first / (last finish - first token of the batch). Reported beside it: the
 offload cache's hit rate, Belady's oracle hit rate on the same trace, prefetch hits, bytes
@@ -33,14 +33,16 @@ from bench.workload import CpuMonitor, prompts, resolve_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def drop_page_cache(path: Path) -> str:
-    """Evict the checkpoint's pages from the page cache; returns how."""
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1\n")
-        return "drop_caches"
-    except OSError:
-        pass
+def drop_page_cache(path: Path, system_wide: bool = False) -> str:
+    """Evict the checkpoint's pages from the page cache; returns how. ``system_wide`` writes
+    /proc/sys/vm/drop_caches (root; every process's cache: not on a shared machine)."""
+    if system_wide:
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("1\n")
+            return "drop_caches"
+        except OSError:
+            pass
     for file in sorted(path.glob("*.safetensors")):
         fd = os.open(file, os.O_RDONLY)
         try:
@@ -101,7 +103,7 @@ def run_one(args: argparse.Namespace) -> dict:
     from services.engine.engine import LLMEngine
     from services.engine.llm import build_engine_config
     path = Path(args.model)
-    how = drop_page_cache(path)
+    how = drop_page_cache(path, args.drop_caches)
     experts = {"backend": "local"} if args.one == "local" else {
         "backend": "offload", "resident_fraction": float(args.one), "policy": args.policy,
         "prefetch": not args.no_prefetch, "trace_steps": 100_000}
@@ -151,9 +153,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", default="1,8")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--policy", default="lru")
+    p.add_argument("--policy", default="decay")
     p.add_argument("--no-prefetch", action="store_true")
     p.add_argument("--policies", action="store_true", help="replay the offload runs' traces through every policy")
+    p.add_argument("--drop-caches", action="store_true",
+                   help="drop the whole page cache (root) instead of only the checkpoint's files")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     p.add_argument("--trace-out", help=argparse.SUPPRESS)
@@ -173,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "bench.moe", "--one", config, "--model", str(path),
                "--concurrency", args.concurrency, "--prompt-len", str(args.prompt_len),
                "--output-len", str(args.output_len), "--policy", args.policy, "--trace-out", str(trace)]
-        if args.no_prefetch:
-            cmd.append("--no-prefetch")
+        cmd += ["--no-prefetch"] * args.no_prefetch + ["--drop-caches"] * args.drop_caches
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
             raise RuntimeError(f"{config}: {proc.stderr[-2000:]}")

@@ -176,7 +176,7 @@ def test_offload_section_parses_short_and_long_forms():
     long = EngineConfig.from_options("m", {"experts": {"name": "offload", "options": {"resident_fraction": 0.5}}})
     assert short.experts == long.experts
     assert short.experts.options == OffloadOptions(resident_fraction=0.5)
-    assert short.experts.options.policy == "lru" and short.experts.options.prefetch is True
+    assert short.experts.options.policy == "decay" and short.experts.options.prefetch is True
 
 
 def test_serve_args_reach_each_role_and_errors_carry_the_yaml_path(tmp_path):

@@ -44,7 +44,7 @@ class OffloadOptions:
 
     cache_bytes: int | None = None  # expert weight bytes resident over all MoE layers (split evenly)
     resident_fraction: float | None = None  # or: this share of each layer's experts (rounded, at least 1)
-    policy: str = DEFAULT_POLICY  # eviction: lru | lfu | decay (expert_offload/policies.py)
+    policy: str = DEFAULT_POLICY  # eviction: lru | lfu | decay (default; measured: expert_offload/policies.py)
     prefetch: bool = True  # load the next layer's predicted experts while this layer computes
     tier: str = "auto"  # slower tier: file (safetensors, CPU), host (CPU memory); auto = file on CPU, else host
     trace_steps: int = 1024  # steps of routing trace kept per layer for the oracle hit rate (0 = none)

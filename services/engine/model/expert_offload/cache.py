@@ -109,9 +109,8 @@ class ExpertCache:
     def window(self) -> tuple[int, int, int]:
         """(uses, hits, Belady's hits) over the recorded trace (the last ``trace_steps`` steps).
         MIN costs O(n log n) in Python, so it is recomputed only once the trace has moved on by
-        a quarter of its length (or first seen a step); between, the last result is returned."""
-        stale = self.step - self._window_step >= max(1, (self.trace.maxlen or 0) // 4)
-        if stale or (self._window[0] == 0 and self.trace):
+        a quarter of its length; between, the last result is returned."""
+        if self.step - self._window_step >= max(1, len(self.trace) // 4):
             uses = [e for step in self.trace for e, _ in step]
             hits = sum(hit for step in self.trace for _, hit in step)
             self._window = (len(uses), hits, belady_hits(uses, self.num_slots) if uses else 0)
