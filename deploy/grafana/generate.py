@@ -6,7 +6,7 @@ committed JSON differs from what this file writes, or uses a metric name outside
 metric contract (services/telemetry).
 
 Layout: rows for the fleet (latency SLOs, throughput, queueing, KV and prefix cache, KV
-transfer, speculative decoding, errors), then one collapsed row per role (router, prefill, decode, unified).
+transfer, speculative decoding, MoE experts, errors), then one collapsed row per role (router, prefill, decode, unified).
 Variables: datasource (any Prometheus), model, role, replica; every query filters on them.
 """
 
@@ -146,6 +146,7 @@ def fleet_rows(d: Layout) -> None:
     d.add("KV transfers / s", [(rate("tandem_kv_transfer_seconds_count", by="direction"), "{{direction}}")], "ops")
 
     spec_rows(d)
+    expert_rows(d)
 
     d.add_row("Errors")
     d.add("Failed requests / s by status code", [(rate("tandem_requests_failed_total", by="code"), "{{code}}")],
@@ -179,6 +180,28 @@ def spec_rows(d: Layout) -> None:
     d.add("Share of output from drafts", [(f"{accepted} / {rate('tandem_generation_tokens_total')}", "from drafts")],
           "percentunit", width=6, defaults={"max": 1, "min": 0},
           description="Accepted draft tokens / generated tokens (the rest cost one target step each).")
+
+
+def expert_rows(d: Layout) -> None:
+    hits, misses = rate("tandem_expert_cache_hits_total"), rate("tandem_expert_cache_misses_total")
+    by_layer = "avg by (layer) ({m}{s})"
+    d.add_row("MoE experts")
+    d.add("Expert cache hit rate", [(f"{hits} / ({hits} + {misses})", "hit rate")], "percentunit", width=6,
+          defaults={"max": 1, "min": 0}, description="Expert uses served from resident weights / all expert uses "
+          "(offload backend; prefetched experts count as hits).")
+    d.add("Hit rate vs oracle by layer",
+          [(by_layer.format(m="tandem_expert_window_hit_rate", s=sel()), "layer {{layer}} realised"),
+           (by_layer.format(m="tandem_expert_window_oracle_hit_rate", s=sel()), "layer {{layer}} Belady")],
+          "percentunit", width=6, defaults={"max": 1, "min": 0},
+          description="Over the last recorded routing trace: realised hit rate and Belady's MIN on the same trace "
+          "with the same slots (averaged over the selected replicas).")
+    d.add("Expert bytes loaded / s", [(rate("tandem_expert_loaded_bytes_total"), "loaded")], "Bps", width=6,
+          description="Expert weights copied in from the slower tier (misses and prefetches).")
+    prefetch = rate("tandem_expert_prefetch_hits_total")
+    d.add("Prefetch", [(f"{prefetch} / {rate('tandem_expert_prefetch_loads_total')}", "useful prefetches"),
+                       (f"sum(tandem_expert_resident_bytes{sel()}) / sum(tandem_expert_cache_capacity_bytes{sel()})",
+                        "cache filled")], "percentunit", width=6, defaults={"max": 1, "min": 0},
+          description="Prefetched experts used before eviction / prefetched; resident expert bytes / budget.")
 
 
 def role_rows(d: Layout) -> None:

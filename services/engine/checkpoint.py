@@ -17,12 +17,26 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import torch
 from safetensors import safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one tensor's bytes are in a safetensors file (row-major, little-endian)."""
+
+    file: Path  # the safetensors file
+    offset: int  # first byte of the tensor's data, from the start of the file
+    nbytes: int  # length of the data in bytes
+    dtype: torch.dtype  # stored dtype
+    shape: tuple[int, ...]  # stored shape
 
 
 class CheckpointError(ValueError):
@@ -60,6 +74,7 @@ class CheckpointReader:
         self.path = Path(path)
         self._handles = []
         self._where: dict[str, tuple[object, Path]] = {}  # tensor name -> (open file, its path)
+        self._headers: dict[Path, dict] = {}  # file -> its parsed header (read by ``locate``)
         for file in weight_files(self.path):
             handle = _open(file)
             self._handles.append(handle)
@@ -77,6 +92,7 @@ class CheckpointReader:
     def close(self) -> None:
         self._handles.clear()
         self._where.clear()
+        self._headers.clear()
 
     def names(self) -> set[str]:
         """Every tensor name in the checkpoint."""
@@ -101,6 +117,23 @@ class CheckpointReader:
             return handle.get_tensor(name)
         except Exception as e:  # truncated data section, unknown dtype
             raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
+
+    def locate(self, name: str) -> TensorLocation:
+        """The byte range of tensor ``name`` in its file, for readers that fetch it later
+        themselves (positional reads). Raises ``CheckpointError`` for a dtype torch has no
+        name for here or a range outside the file."""
+        _, file = self._locate(name)
+        if file not in self._headers:
+            header = read_header(file)
+            self._headers[file] = {"start": 8 + len(header), "size": file.stat().st_size,
+                                   "tensors": json.loads(header)}
+        h = self._headers[file]
+        info = h["tensors"][name]
+        begin, end = info["data_offsets"]
+        if info["dtype"] not in _DTYPES or not 0 <= begin <= end or h["start"] + end > h["size"]:
+            raise CheckpointError(f"{file}: tensor {name!r} has dtype {info['dtype']} or range {begin}..{end} "
+                                  f"that cannot be read positionally")
+        return TensorLocation(file, h["start"] + begin, end - begin, _DTYPES[info["dtype"]], tuple(info["shape"]))
 
     def _locate(self, name: str) -> tuple[object, Path]:
         if name not in self._where:

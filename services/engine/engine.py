@@ -17,6 +17,7 @@ import torch
 from services.engine.assembly import assemble
 from services.engine.config import EngineConfig
 from services.engine.kv_cache import block_hash_chain
+from services.engine.model.experts import ExpertLayerStats, expert_stats
 from services.engine.outputs import TokenChunk
 from services.engine.plugins import HostDeps
 from services.engine.request import Request
@@ -43,6 +44,8 @@ class EngineStats:
     spec_num_draft_tokens: int = 0  # draft tokens verified
     spec_num_accepted_tokens: int = 0  # of those, accepted (bonus and correction tokens not counted)
     spec_num_accepted_per_pos: list[int] = field(default_factory=list)  # accepted drafts by position 0..k-1
+    # MoE expert backends that keep counters (offload): one per MoE layer (tandem_expert_*)
+    experts: list[ExpertLayerStats] = field(default_factory=list)
 
 
 class LLMEngine:
@@ -365,7 +368,8 @@ class LLMEngine:
         s = self.stats
         s.num_running, s.num_waiting = self.scheduler.num_running, self.scheduler.num_waiting
         s.kv_blocks_free = self.kv.num_free_blocks
-        return EngineStats(**{**vars(s), "spec_num_accepted_per_pos": list(s.spec_num_accepted_per_pos)})
+        return EngineStats(**{**vars(s), "spec_num_accepted_per_pos": list(s.spec_num_accepted_per_pos),
+                              "experts": expert_stats(self.model)})
 
     def cached_block_hashes(self, limit: int) -> list[bytes]:
         """Hashes of the newest ``limit`` full blocks in the local prefix cache, oldest first

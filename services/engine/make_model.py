@@ -94,6 +94,11 @@ SHAPES: dict[str, ModelShape] = {
         hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
         intermediate_size=1408, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2,
         rope_theta=1e6, max_position_embeddings=4096, sliding_window=None), save_dtype=torch.bfloat16),
+    # experts are 95% of its 4.7 GB (bf16): the expert-offload benchmark's model (bench/moe.py)
+    "moe-1b": ModelShape("MixtralForCausalLM", dict(
+        hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
+        intermediate_size=2816, vocab_size=32000, num_local_experts=16, num_experts_per_tok=2,
+        rope_theta=1e6, max_position_embeddings=4096, sliding_window=None), shards=4, save_dtype=torch.bfloat16),
 }
 
 

@@ -74,6 +74,16 @@ CONTRACT: dict[str, str] = {
     "tandem_spec_decode_num_draft_tokens_total": "counter",
     "tandem_spec_decode_num_accepted_tokens_total": "counter",
     "tandem_spec_decode_num_accepted_tokens_per_pos_total": "counter",
+    # MoE expert backends with a cache (offload), per layer and backend
+    "tandem_expert_cache_hits_total": "counter",
+    "tandem_expert_cache_misses_total": "counter",
+    "tandem_expert_prefetch_loads_total": "counter",
+    "tandem_expert_prefetch_hits_total": "counter",
+    "tandem_expert_loaded_bytes_total": "counter",
+    "tandem_expert_resident_bytes": "gauge",
+    "tandem_expert_cache_capacity_bytes": "gauge",
+    "tandem_expert_window_hit_rate": "gauge",
+    "tandem_expert_window_oracle_hit_rate": "gauge",
 }
 FINISH_REASONS = ("stop", "length", "abort")
 # Status codes a request fails with (router/errors.py), exported at 0 from the start so that
@@ -192,6 +202,49 @@ def _spec_decode_counters(ids: list[str], s: Any) -> Iterable:
     yield per_pos
 
 
+_EXPERT_COUNTERS = (
+    ("tandem_expert_cache_hits", "Expert uses served from resident weights (prefetched included)", "hits"),
+    ("tandem_expert_cache_misses", "Expert uses that loaded the expert from the slower tier first", "misses"),
+    ("tandem_expert_prefetch_loads", "Experts loaded ahead of use by the next-layer prefetcher", "prefetch_loads"),
+    ("tandem_expert_prefetch_hits", "Hits on a prefetched expert before any other use of it", "prefetch_hits"),
+    ("tandem_expert_loaded_bytes", "Expert weight bytes copied in from the slower tier", "bytes_loaded"))
+_EXPERT_GAUGES = (
+    ("tandem_expert_resident_bytes", "Expert weight bytes resident in the fast tier now", "resident_bytes"),
+    ("tandem_expert_cache_capacity_bytes", "The layer's share of the expert cache budget", "capacity_bytes"))
+
+
+def _expert_metrics(ids: list[str], s: Any) -> Iterable:
+    """Per-layer expert cache counters (one series per MoE layer whose backend keeps them; no
+    series for other engines), and the realised and oracle (Belady) hit rates over the last
+    recorded routing trace."""
+    layers = list(getattr(s, "experts", None) or ())
+    labels = LABELS + ("layer", "backend")
+
+    def series(layer) -> list[str]:
+        return ids + [str(layer.layer), str(layer.backend)]
+
+    for name, doc, field_name in _EXPERT_COUNTERS:
+        c = CounterMetricFamily(name, doc, labels=labels)
+        for layer in layers:
+            c.add_metric(series(layer), _get(layer, field_name))
+        yield c
+    for name, doc, field_name in _EXPERT_GAUGES:
+        g = GaugeMetricFamily(name, doc, labels=labels)
+        for layer in layers:
+            g.add_metric(series(layer), _get(layer, field_name))
+        yield g
+    realised = GaugeMetricFamily("tandem_expert_window_hit_rate", "Hit rate over the recorded routing trace "
+                                 "(the last trace_steps steps)", labels=labels)
+    oracle = GaugeMetricFamily("tandem_expert_window_oracle_hit_rate", "Belady's MIN hit rate on the same trace with "
+                               "the same slots (no prefetch): the best any eviction policy could do", labels=labels)
+    for layer in layers:
+        uses = _get(layer, "window_uses")
+        realised.add_metric(series(layer), _get(layer, "window_hits") / uses if uses else 0.0)
+        oracle.add_metric(series(layer), _get(layer, "window_oracle_hits") / uses if uses else 0.0)
+    yield realised
+    yield oracle
+
+
 class EngineCollector:
     """Scrape-time gauges of an engine and counters of its prefix store.
 
@@ -238,6 +291,7 @@ class EngineCollector:
                 c.add_metric(ids + [str(tier)], float(by_tier.get(tier, 0) or 0))
             yield c
         yield from _spec_decode_counters(ids, s)
+        yield from _expert_metrics(ids, s)
         corrupt = CounterMetricFamily("tandem_prefix_cache_corrupt_blobs", "Redis KV blobs that failed their "
                                       "format check (deleted, counted as misses)", labels=LABELS)
         corrupt.add_metric(ids, _get(store, "corrupt_blobs"))

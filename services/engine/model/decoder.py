@@ -74,7 +74,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(c, dtype)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         if c.is_moe_layer(layer):
-            spec = ExpertSpec(layer, c.num_experts, c.hidden_size, c.moe_intermediate_size, dtype)
+            moe_layers = sum(map(c.is_moe_layer, range(c.num_layers)))
+            spec = ExpertSpec(layer, c.num_experts, c.hidden_size, c.moe_intermediate_size, dtype, moe_layers)
             self.mlp = MoEBlock(spec, c.num_experts_per_tok, c.norm_topk_prob,
                                 c.shared_expert_intermediate_size, expert_backend)
         else:

@@ -11,6 +11,7 @@ is shape-checked before it is read; a missing, unexpected or mis-shaped tensor r
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from services.engine.checkpoint import CheckpointError, CheckpointReader
 from services.engine.gguf_checkpoint import GGUFCheckpointReader
 from services.engine.gguf_file import is_gguf_path
 from services.engine.model.decoder import CausalLM
-from services.engine.model.experts import ExpertFactory, LocalExperts, MoEBlock
+from services.engine.model.experts import ExpertFactory, ExpertSource, LocalExperts, MoEBlock
 from services.engine.model_config import SUPPORTED_ARCHITECTURES, ModelConfig
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "build_model", "load_model", "load_weights", "open_checkpoint"]
@@ -135,10 +136,23 @@ def _expert_names(config: ModelConfig, layer: int, expert: int) -> tuple[str, st
 
 def _load_experts(config: ModelConfig, layer: int, block: MoEBlock, reader: CheckpointReader,
                   used: set[str], bar: tqdm) -> None:
+    """Hand every expert of ``layer`` to its backend as an ``ExpertSource`` (shapes checked
+    here; the backend decides whether to read the weights now, later, or never)."""
     d, i = config.hidden_size, config.moe_intermediate_size
+    shapes = [(i, d), (i, d), (d, i)]
     for expert in range(config.num_experts):
         names = _expert_names(config, layer, expert)
-        gate, up, down = (reader.get(n, s) for n, s in zip(names, [(i, d), (i, d), (d, i)]))
-        block.experts.load_expert(expert, gate, up, down)
+        for name, shape in zip(names, shapes):
+            if tuple(reader.shape(name)) != shape:
+                raise CheckpointError(f"{reader.path}: tensor {name!r} has shape {list(reader.shape(name))}, "
+                                      f"expected {list(shape)}")
+        locations = tuple(map(reader.locate, names)) if hasattr(reader, "locate") else None
+        read = functools.partial(_read_expert, reader, names, shapes)
+        block.experts.install_expert(expert, ExpertSource(read, locations))
         used.update(names)
         bar.update(3)
+
+
+def _read_expert(reader, names, shapes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gate, up, down = (reader.get(n, s) for n, s in zip(names, shapes))
+    return gate, up, down
