@@ -27,20 +27,29 @@
     prefix_store: {url: redis://127.0.0.1:6379, ttl_s: 3600, timeout_s: 0.5, ...}
                                 # Redis tier of the prefix cache (services/prefix_store/config.py);
                                 # absent or null = local tier only
+    draft_worker: {session_ttl_s: 60, torch_threads: N}
+                                # DraftWorker replicas (services/draft_worker.py), deployed when an
+                                #   engine's speculative section is {method: draft_model, model: PATH,
+                                #   deployment: NAME}: NAME is the deployment (spec.yaml: DraftWorker)
+
+Speculative decoding is for the roles that decode: a ``speculative`` section in ``engine`` does
+not reach PrefillWorker (it samples one token per request and would never propose).
 
 Replica counts, autoscaling and resources are per deployment in the YAML's ``deployments``
-section (names: Router, UnifiedWorker, PrefillWorker, DecodeWorker).
+section (names: Router, UnifiedWorker, PrefillWorker, DecodeWorker, and each DraftWorker's NAME).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from router.migration import MigrationConfig
 from router.replica_router import request_router_config
 from router.server import Router, RouterConfig
-from services.config import WorkerConfig
+from services.config import DraftWorkerConfig, WorkerConfig
+from services.draft_worker import DraftWorkerDeployment
 from services.engine.config import EngineConfig
 from services.engine.config_parse import ConfigError, join
 from services.engine.model_catalog import check_model_path, resolve_model
@@ -53,7 +62,9 @@ _ROUTER_KEYS = ("max_inflight_requests", "max_prompt_bytes", "max_message_bytes"
                 "max_prompt_token_ids", "max_messages", "max_stop_strings", "max_stop_chars", "max_stop_token_ids",
                 "grace_s", "prefix_routing", "max_migrations")
 _KEYS = ("mode", "model", "model_id", "host", "port", "kv_transfer", "engine", "prefill_engine", "decode_engine",
-         "router", "torch_threads", "prefix_store")
+         "router", "torch_threads", "prefix_store", "draft_worker")
+_DRAFT_KEYS = ("session_ttl_s", "torch_threads")
+_WORKER_NAMES = ("Router", "UnifiedWorker", "PrefillWorker", "DecodeWorker")
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,7 @@ class AppConfig:
     mode: str
     router: RouterConfig
     workers: dict[str, WorkerConfig]  # role -> config
+    drafts: dict[str, DraftWorkerConfig] = field(default_factory=dict)  # DraftWorker deployment name -> config
 
 
 def parse_args(args: dict | None, path: str = "args") -> AppConfig:
@@ -89,17 +101,48 @@ def parse_args(args: dict | None, path: str = "args") -> AppConfig:
     if mode == "unified":
         workers = {"unified": WorkerConfig("unified", model_id, engine, torch_threads=threads["unified"],
                                            prefix_store=store)}
-        return AppConfig(mode, router, workers)
+        return AppConfig(mode, router, workers, _draft_workers(workers, args.get("draft_worker"), path))
     transfer = KV_TRANSFERS.parse(args.get("kv_transfer", "ray"), join(path, "kv_transfer"))
     workers = {}
     for role in ("prefill", "decode"):
         key = f"{role}_engine"
-        workers[role] = WorkerConfig(role, model_id, engine.with_options(args.get(key), join(path, key)),
-                                     kv_transfer=transfer, torch_threads=threads[role],
+        role_engine = engine.with_options(args.get(key), join(path, key))
+        if role == "prefill":  # one token per request: a proposer would never propose
+            role_engine = dataclasses.replace(role_engine, speculative=None)
+        workers[role] = WorkerConfig(role, model_id, role_engine, kv_transfer=transfer, torch_threads=threads[role],
                                      prefix_store=store if role == "prefill" else None)
     if workers["prefill"].engine.cache.block_size != workers["decode"].engine.cache.block_size:
         raise ConfigError(path, "prefill_engine.block_size and decode_engine.block_size must be equal")
-    return AppConfig(mode, router, workers)
+    return AppConfig(mode, router, workers, _draft_workers(workers, args.get("draft_worker"), path))
+
+
+def _draft_workers(workers: dict[str, WorkerConfig], options, path: str) -> dict[str, DraftWorkerConfig]:
+    """The DraftWorker deployments the workers' speculative sections name, and a check of every
+    draft model's path (a missing draft fails here, not in a replica)."""
+    options = dict(options or {})
+    bad = sorted(set(options) - set(_DRAFT_KEYS))
+    if bad:
+        raise ConfigError(join(path, "draft_worker"), f"unknown key(s) {bad}; known: {list(_DRAFT_KEYS)}")
+    drafts: dict[str, DraftWorkerConfig] = {}
+    for role, worker in workers.items():
+        spec = worker.engine.speculative
+        if spec is None or spec.name != "draft_model":
+            continue
+        where = join(path, "decode_engine" if role == "decode" else "engine")
+        try:
+            check_model_path(resolve_model(spec.options.model))
+        except ValueError as exc:
+            raise ConfigError(join(where, "speculative.model"), str(exc)) from None
+        name = spec.options.deployment
+        if not name:
+            continue
+        if name in _WORKER_NAMES:
+            raise ConfigError(join(where, "speculative.deployment"), f"{name!r} is a worker deployment's name")
+        try:
+            drafts[name] = DraftWorkerConfig(name, worker.engine, **options)
+        except ConfigError as exc:
+            raise exc.under(join(path, "draft_worker")) from None
+    return drafts
 
 
 def _router_config(args: dict, model: str, path: str) -> RouterConfig:
@@ -136,12 +179,19 @@ def build_app(args: dict | None = None):
     """Serve application builder (``serve run deploy/local.yaml`` calls it with the YAML's args)."""
     config = parse_args(args)
     routed = request_router_config()  # the router picks each request's replica (router/replica_router.py)
+    # each engine's calls go to the DraftWorker replica that holds its sequences (the same request router)
+    drafts = {name: DraftWorkerDeployment.options(name=name, request_router_config=routed).bind(draft)
+              for name, draft in config.drafts.items()}
+
+    def worker(deployment, role: str):
+        spec = config.workers[role].engine.speculative
+        name = spec.options.deployment if spec is not None and spec.name == "draft_model" else ""
+        uses = {name: drafts[name]} if name else {}
+        return deployment.options(request_router_config=routed).bind(config.workers[role], drafts=uses)
+
     if config.mode == "unified":
-        return Router.bind(config.router,
-                           unified=UnifiedWorker.options(request_router_config=routed).bind(config.workers["unified"]))
-    return Router.bind(config.router,
-                       prefill=PrefillWorker.options(request_router_config=routed).bind(config.workers["prefill"]),
-                       decode=DecodeWorker.options(request_router_config=routed).bind(config.workers["decode"]))
+        return Router.bind(config.router, unified=worker(UnifiedWorker, "unified"))
+    return Router.bind(config.router, prefill=worker(PrefillWorker, "prefill"), decode=worker(DecodeWorker, "decode"))
 
 
 __all__ = ["AppConfig", "build_app", "parse_args"]

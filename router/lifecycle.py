@@ -69,10 +69,16 @@ class Usage:
     prompt_tokens: int = 0  # tokens of the validated prompt
     completion_tokens: int = 0  # output tokens so far
     cached_prompt_tokens: int = 0  # prompt tokens served from a prefix cache (local + Redis tier)
+    draft_steps: int = 0  # speculative decoding: steps that verified a draft of this request
+    draft_tokens: int = 0  # draft tokens verified
+    accepted_draft_tokens: int = 0  # of those, accepted
 
     def add(self, chunk: StreamChunk) -> None:
         self.completion_tokens = chunk.num_output_tokens or self.completion_tokens + len(chunk.token_ids)
         self.cached_prompt_tokens = chunk.num_cached_tokens
+        self.draft_steps = chunk.num_drafts  # cumulative over placements (router/migration.py)
+        self.draft_tokens = chunk.num_draft_tokens
+        self.accepted_draft_tokens = chunk.num_accepted_draft_tokens
 
 
 class RequestLifecycle:
@@ -209,7 +215,9 @@ class LiveRequest:
     def _abort_chunk(self) -> StreamChunk:
         u = self.usage
         return StreamChunk(finish_reason="abort", num_prompt_tokens=u.prompt_tokens,
-                           num_cached_tokens=u.cached_prompt_tokens, num_output_tokens=u.completion_tokens)
+                           num_cached_tokens=u.cached_prompt_tokens, num_output_tokens=u.completion_tokens,
+                           num_drafts=u.draft_steps, num_draft_tokens=u.draft_tokens,
+                           num_accepted_draft_tokens=u.accepted_draft_tokens)
 
     def _arm_deadline(self) -> None:
         remaining = self._time_remaining()

@@ -90,6 +90,7 @@ async def migrating_stream(run: Callable[[GenerateCall, Control], AsyncIterator[
     ``run`` of the request resumed after the tokens yielded so far (module docstring)."""
     sent: list[int] = []  # output tokens yielded, in order
     cached = (0, 0)  # (num_cached_tokens, num_redis_cached_tokens) of the first placement
+    drafts = _DraftCounts()  # speculative decoding counts: the earlier placements' plus this one's
     current, attempt = call, 0
     while True:
         try:
@@ -98,10 +99,12 @@ async def migrating_stream(run: Callable[[GenerateCall, Control], AsyncIterator[
                     chunk.num_cached_tokens, chunk.num_redis_cached_tokens = cached
                 else:
                     cached = (chunk.num_cached_tokens, chunk.num_redis_cached_tokens)
+                drafts.carry(chunk)
                 sent.extend(chunk.token_ids)
                 yield chunk
             return
         except Exception as exc:
+            drafts.next_placement()
             reason = migration_reason(exc)
             if reason is None or ctl.cancelled or attempt >= config.max_migrations:
                 raise
@@ -114,3 +117,22 @@ async def migrating_stream(run: Callable[[GenerateCall, Control], AsyncIterator[
                         config.max_migrations)
             on_migration(Migration(reason, role, replica, attempt, len(sent)))
             current = dataclasses.replace(call, resume_token_ids=list(sent))
+
+
+class _DraftCounts:
+    """A request's speculative decoding counts across placements: each replica counts from 0, so
+    a chunk of a later placement gets the counts of the earlier ones added."""
+
+    FIELDS = ("num_drafts", "num_draft_tokens", "num_accepted_draft_tokens")
+
+    def __init__(self):
+        self.earlier = [0, 0, 0]  # counts of the placements before the current one
+        self.current = [0, 0, 0]  # the latest chunk's counts, the earlier ones included
+
+    def carry(self, chunk: StreamChunk) -> None:
+        for i, name in enumerate(self.FIELDS):
+            setattr(chunk, name, getattr(chunk, name) + self.earlier[i])
+            self.current[i] = getattr(chunk, name)
+
+    def next_placement(self) -> None:
+        self.earlier = list(self.current)

@@ -45,7 +45,8 @@ def status_for(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCod
 
 def _usage(usage: Usage) -> pb.Usage:
     return pb.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                    cached_prompt_tokens=usage.cached_prompt_tokens)
+                    cached_prompt_tokens=usage.cached_prompt_tokens, draft_steps=usage.draft_steps,
+                    draft_tokens=usage.draft_tokens, accepted_draft_tokens=usage.accepted_draft_tokens)
 
 
 def _logprobs(token_ids: list[int], logprobs) -> list[pb.TokenLogprobs]:

@@ -34,6 +34,7 @@ class SamplingInput:
     seed: int | None = None  # per-request RNG seed (reproducible sampling)
     ignore_eos: bool | None = None  # go on after an EOS token
     logprobs: int | None = None  # top-n logprobs per output token
+    speculative: bool | None = None  # False: never speculate for this request (same output either way)
     stop: tuple[str, ...] = ()  # stop strings (not part of the output)
     stop_token_ids: tuple[int, ...] = ()  # token ids that end the output
 

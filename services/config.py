@@ -36,3 +36,32 @@ class WorkerConfig:
     def model(self) -> str:
         """The checkpoint this worker serves."""
         return self.engine.model
+
+
+@dataclass(frozen=True)
+class DraftWorkerConfig:
+    """Everything one DraftWorker replica needs (services/draft_worker.py).
+
+    ``target`` is the engine the drafts are for (its ``speculative`` section names this
+    deployment): the draft checks the target's tokenizer, sizes its KV pool like the target's
+    and runs on the target's device and dtype, exactly as an in-process draft would.
+    """
+
+    name: str  # the deployment's name (speculative.deployment)
+    target: EngineConfig  # the target engine's config; target.speculative is the draft_model section
+    session_ttl_s: float = 60.0  # a sequence no call mentioned for this long is dropped (its engine died)
+    torch_threads: int | None = None  # intra-op threads; None = every core of the node
+
+    def __post_init__(self) -> None:
+        spec = self.target.speculative
+        if spec is None or spec.name != "draft_model" or spec.options.deployment != self.name:
+            raise ConfigError("speculative.deployment", f"the target's speculative section must be draft_model with "
+                                                        f"deployment {self.name!r}")
+        if isinstance(self.session_ttl_s, bool) or not isinstance(self.session_ttl_s, (int, float)) \
+                or self.session_ttl_s <= 0:
+            raise ConfigError("session_ttl_s", f"must be a positive number of seconds, got {self.session_ttl_s!r}")
+
+    @property
+    def draft(self):
+        """The ``DraftModelOptions`` of the target's speculative section (model, k, KV pool)."""
+        return self.target.speculative.options

@@ -5,6 +5,7 @@ Seams (DESIGN.md "Seams"):
     router --GenerateCall--> unified worker --StreamChunk...--> router
     router --GenerateCall--> prefill worker --PrefillResult (first token + KVHandle)--> router
     router --DecodeCall (KVHandle)--> decode worker --StreamChunk...--> router
+    engine (decode / unified worker) --DraftCall--> DraftWorker --DraftReply--> engine  (one per engine step)
 
 Tensors never pass through the router: a ``KVHandle`` names the KV blocks inside the
 transfer backend (an object-store reference for the Ray backend), the decode worker
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from services.engine.outputs import TokenChunk
 from services.engine.sampling_params import SamplingParams
@@ -84,6 +87,10 @@ class StreamChunk:
     queue_time_s: float | None = None  # engine arrival -> first scheduled, on a worker's own chunks (telemetry)
     emitted_at: float | None = None  # time.time() the engine produced the oldest token here (router token delay)
     arrived_at: float | None = None  # time.time() the oldest token here reached the router (set there: router dwell)
+    # speculative decoding so far, cumulative like num_output_tokens (the final usage reports them)
+    num_drafts: int = 0  # engine steps that verified a draft of this request
+    num_draft_tokens: int = 0  # draft tokens the target verified
+    num_accepted_draft_tokens: int = 0  # of those, accepted
 
     @classmethod
     def from_engine(cls, chunk: TokenChunk, traceparent: str = "") -> "StreamChunk":
@@ -94,7 +101,8 @@ class StreamChunk:
                    finish_reason=chunk.finish_reason, num_prompt_tokens=chunk.num_prompt_tokens,
                    num_cached_tokens=chunk.num_cached_tokens, num_output_tokens=chunk.num_output_tokens,
                    traceparent=traceparent, num_redis_cached_tokens=chunk.num_imported_cached_tokens,
-                   queue_time_s=chunk.queue_time_s, emitted_at=chunk.emitted_at)
+                   queue_time_s=chunk.queue_time_s, emitted_at=chunk.emitted_at, num_drafts=chunk.num_drafts,
+                   num_draft_tokens=chunk.num_draft_tokens, num_accepted_draft_tokens=chunk.num_accepted_draft_tokens)
 
 
 @dataclass
@@ -166,7 +174,8 @@ class WrongReplicaError(RuntimeError):
 class Route:
     """Where a per-request ``submit`` or a ``channel`` call must run, and whose channel gets the chunks."""
 
-    router_id: str  # the calling router replica (its channel on this worker receives the chunks)
+    router_id: str  # the calling router replica (its channel on this worker receives the chunks); on a
+    #   DraftWorker call: the calling engine's client id (DraftCall.client_id)
     replica_id: str  # the Serve replica id the call is meant for ("" = any replica)
     traceparent: str = ""  # W3C trace context of the router's span
 
@@ -204,3 +213,78 @@ class RoutingStats:
         data = data or {}
         return cls(load=int(data.get("load", 0)), kv_free=int(data.get("kv_free", 0)),
                    block_keys=data.get("block_keys", b""))
+
+
+# ---- speculative decoding: engine <-> DraftWorker (services/draft_client.py, services/draft_worker.py) ----
+# One ``propose`` call per engine step carries every running sequence's context delta; the
+# DraftWorker keeps each sequence's tokens and its own paged KV between calls, keyed by
+# (client_id, seq_id). Deltas are idempotent: ``start`` says where the tokens begin, so a call
+# whose reply was lost (timeout) can be repeated; a DraftWorker that does not hold a sequence
+# (a new replica, a TTL drop) answers ``num_known=0`` and the client sends the whole context next.
+@dataclass
+class DraftSequence:
+    """One sequence's context delta in a ``DraftCall``."""
+
+    seq_id: str  # the engine's request id (unique among the client's running requests)
+    start: int  # position in prompt + output of token_ids[0]: what the DraftWorker last said it holds (0 = all)
+    token_ids: list[int]  # the target's tokens from ``start`` to the last known one (accepted drafts included)
+    num_prompt_tokens: int  # the prompt's length (prompt + output = the first num_prompt_tokens + the rest)
+    num_accepted: int = 0  # of the previous draft the client received for it, tokens the target accepted
+    max_tokens: int = 0  # draft tokens wanted this step (<= k); 0 = keep the context only
+    params: SamplingParams | None = None  # the request's sampling parameters; sent with start == 0 only
+
+
+@dataclass
+class DraftCall:
+    """The drafts one engine wants for this step (engine -> DraftWorker ``propose``)."""
+
+    client_id: str  # the calling engine (its replica id, or a random id); scopes seq ids
+    sequences: list[DraftSequence]  # every sequence to propose for (or to keep up to date)
+    released: list[str] = field(default_factory=list)  # seq ids that finished or were aborted: freed first
+    deadline: float = 0.0  # time.time() after which the client no longer waits: nothing is proposed then
+    traceparent: str = ""  # W3C trace context ("": a step mixes requests)
+
+
+@dataclass
+class DraftProposal:
+    """The draft of one sequence (DraftWorker -> engine)."""
+
+    seq_id: str  # DraftSequence.seq_id
+    num_known: int  # target tokens the DraftWorker holds for it now (the next delta's start); 0 = none
+    token_ids: list[int] = field(default_factory=list)  # the proposed tokens, at most max_tokens (maybe none)
+    probs: np.ndarray | None = None  # [len(token_ids), V] float32 draft probabilities q (sampled); None = one-hot
+
+
+@dataclass
+class DraftReply:
+    """The DraftWorker's answer to one ``DraftCall``."""
+
+    replica_id: str  # the replica that answered: the client's next calls go there (its KV is there)
+    proposals: list[DraftProposal]  # one per DraftCall.sequences entry, in order
+    traceparent: str = ""  # W3C trace context (unused)
+
+
+@dataclass
+class DraftRelease:
+    """Sequences that ended (engine -> DraftWorker ``release``, batched; also ``DraftCall.released``)."""
+
+    client_id: str  # DraftCall.client_id
+    seq_ids: list[str]  # their KV is freed; unknown ids are ignored
+    traceparent: str = ""  # W3C trace context (unused)
+
+
+@dataclass
+class DraftWorkerStats:
+    """Gauges and counters of one DraftWorker replica (admin/debug call, tests)."""
+
+    replica_id: str  # Serve replica id ("" outside Serve)
+    num_sequences: int  # sequences held (their tokens and KV)
+    kv_blocks_total: int  # blocks in the draft's KV pool
+    kv_blocks_free: int  # of those, not held by a sequence (cached-but-free count as free)
+    num_calls: int = 0  # propose calls answered
+    num_proposed_tokens: int = 0  # draft tokens returned
+    num_accepted_tokens: int = 0  # of those, accepted by the targets (as the clients reported)
+    num_late_calls: int = 0  # calls that arrived past their deadline (contexts kept, nothing proposed)
+    num_resyncs: int = 0  # sequences answered num_known=0 (unknown here, or a delta that did not fit)
+    num_expired: int = 0  # sequences dropped by the TTL (their engine went away without releasing them)
+    traceparent: str = ""  # W3C trace context of the call that asked

@@ -27,6 +27,7 @@ from ray import serve
 
 from services import kv_transfer
 from services.config import WorkerConfig
+from services.draft_client import remote_proposers
 from services.engine.gc_tuning import freeze_startup_objects
 from services.engine.plugins import HostDeps
 from services.engine.scheduler import EngineOverloadedError
@@ -55,12 +56,14 @@ async def _until(deadline: float | None):
 class EngineWorker:
     """One engine replica (see module docstring for the roles)."""
 
-    def __init__(self, config: WorkerConfig):
+    def __init__(self, config: WorkerConfig, drafts: dict | None = None):
         bind_replica_grpc_to_node_ip()  # Serve's in-replica gRPC server: node IP, not all interfaces
         self.config = config
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1): torch would use one core only.
         torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
-        deps = HostDeps()  # Serve handles the engine's variants need (draft / expert deployments) go here
+        # what the engine's variants need from other deployments: DraftWorker handles by name
+        # (``drafts``, bound by router/app.py) become proposers that call them (services/draft_client.py)
+        deps = HostDeps(proposers=remote_proposers(drafts or {}, _replica_id()))
         self.engine = ServingEngine.from_config(config.engine, deps)
         self.transfer = kv_transfer.create(config.kv_transfer, deps) if config.role != "unified" else None
         # the prefix cache's tiers: this engine's blocks, then Redis (services/prefix_store/tier.py)

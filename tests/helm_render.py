@@ -52,13 +52,18 @@ def render(name: str) -> tuple[dict, ...]:
 
 def values_of(name: str) -> dict:
     """The chart's values with a ci/ file merged on top (dicts merge, the rest replaces)."""
+    return values_from(VALUES[name])
+
+
+def values_from(path: Path | None) -> dict:
+    """The chart's values with the values file ``path`` merged on top, as ``helm -f`` merges."""
     def merge(base, top):
         if isinstance(base, dict) and isinstance(top, dict):
             return {k: merge(base[k], v) if k in base else v for k, v in top.items()} | \
                 {k: v for k, v in base.items() if k not in top}
         return top
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    return merge(values, yaml.safe_load(VALUES[name].read_text())) if VALUES[name] else values
+    return merge(values, yaml.safe_load(path.read_text())) if path else values
 
 
 def by_kind(docs, kind: str) -> list[dict]:

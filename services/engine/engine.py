@@ -268,7 +268,7 @@ class LLMEngine:
         drafts = out.scheduled_spec_decode_tokens
         result = self.runner.execute(out.num_scheduled_tokens, requests, drafts)
         self.scheduler.update_after_step(out, {rid: len(d) - result.num_accepted[rid] for rid, d in drafts.items()})
-        self._count_drafts(drafts, result.num_accepted)
+        self._count_drafts(drafts, result.num_accepted, requests)
         self.stats.num_prompt_tokens_computed += result.num_prompt_tokens_computed
         self.stats.num_steps += 1
         chunks = []
@@ -300,9 +300,14 @@ class LLMEngine:
             req.spec_token_ids = list(draft.token_ids[:limit])
             req.spec_probs = draft.probs
 
-    def _count_drafts(self, drafts: dict[str, list[int]], accepted: dict[str, int]) -> None:
+    def _count_drafts(self, drafts: dict[str, list[int]], accepted: dict[str, int],
+                      requests: dict[str, Request]) -> None:
         s = self.stats
         for rid, draft in drafts.items():
+            req = requests[rid]
+            req.num_drafts += 1
+            req.num_draft_tokens += len(draft)
+            req.num_accepted_draft_tokens += accepted[rid]
             s.spec_num_drafts += 1
             s.spec_num_draft_tokens += len(draft)
             s.spec_num_accepted_tokens += accepted[rid]
@@ -362,7 +367,9 @@ class LLMEngine:
                           finish_reason=req.finish_reason, stop_reason=req.stop_reason,
                           num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(req.num_cached_tokens, 0),
                           num_output_tokens=len(req.output_token_ids), queue_time_s=req.queue_time,
-                          num_imported_cached_tokens=req.num_imported_cached_tokens)
+                          num_imported_cached_tokens=req.num_imported_cached_tokens, num_drafts=req.num_drafts,
+                          num_draft_tokens=req.num_draft_tokens,
+                          num_accepted_draft_tokens=req.num_accepted_draft_tokens)
 
     def snapshot_stats(self) -> EngineStats:
         s = self.stats

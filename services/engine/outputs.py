@@ -44,6 +44,11 @@ class TokenChunk:
     queue_time_s: float | None = None  # arrival in the engine -> first scheduled (None until scheduled)
     num_imported_cached_tokens: int = 0  # of num_cached_tokens, imported from an external tier (Redis)
     emitted_at: float | None = None  # time.time() when the engine produced this output (for the serving-delay metric)
+    # speculative decoding so far (cumulative, like num_output_tokens): steps that verified a
+    # draft, draft tokens verified, and of those accepted (the request's final usage)
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0
 
     @property
     def finished(self) -> bool:

@@ -46,6 +46,9 @@ class HostDeps:
     """What a host process injects into variants (empty when the engine runs on its own)."""
 
     handles: Mapping[str, Any] = field(default_factory=dict)  # Serve deployment handles by deployment name
+    # deployment name -> build(options, target) -> Proposer: a proposer that calls that deployment
+    # (``speculative: {method: draft_model, deployment: NAME}``; services/draft_client.py)
+    proposers: Mapping[str, Callable[[Any, Any], Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

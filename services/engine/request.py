@@ -49,6 +49,9 @@ class Request:
     # verified when that step schedules it, cleared after every step
     spec_token_ids: list[int] = field(default_factory=list)  # proposed tokens after the known ones
     spec_probs: torch.Tensor | None = None  # [len(spec_token_ids), V] the proposer's q; None = one-hot
+    num_drafts: int = 0  # steps that verified a draft of this request (its usage; vLLM's num_drafts)
+    num_draft_tokens: int = 0  # draft tokens verified for this request
+    num_accepted_draft_tokens: int = 0  # of those, accepted
     # detokenizer state (see Detokenizer)
     text: str = ""
     prefix_offset: int = 0

@@ -11,7 +11,10 @@ Spans (children of the router's ``tandem.generate`` through the call's ``tracepa
 - unified role: ``tandem.prefill`` up to the first token, then ``tandem.decode``.
 
 Per-step work is aggregated into attributes (tokens, stream messages, time per output
-token), never a span per token. ``traced_stream`` wraps the worker's per-request stream
+token), never a span per token. Speculative decoding: a ``tandem.draft`` span event on
+``tandem.decode`` for every message whose steps verified drafts (one per engine step unless the
+router read slower than the engine produced: ``tandem.draft.steps`` says how many), with the
+draft tokens verified and accepted, and the request's totals as attributes at the end. ``traced_stream`` wraps the worker's per-request stream
 methods; ``TracedTransfer`` wraps its KV transfer backend.
 """
 
@@ -98,6 +101,7 @@ class RequestTrace:
         self.num_tokens = 0  # output tokens of the decode span
         self.num_later_tokens = 0  # of those, after the decode span's first message (the TPOT base)
         self.num_messages = 0
+        self.drafts = (0, 0, 0)  # the request's (draft steps, draft tokens, accepted) at the last message
 
     @property
     def current(self) -> trace.Span:
@@ -127,6 +131,7 @@ class RequestTrace:
             self.num_later_tokens += len(chunk.token_ids)
         self.num_tokens += len(chunk.token_ids)
         self.num_messages += 1
+        self._draft_event(chunk)
         if chunk.finish_reason is not None:
             self._end_decode(chunk.finish_reason)
 
@@ -149,10 +154,24 @@ class RequestTrace:
         span.set_attribute("gen_ai.usage.output_tokens", len(chunk.token_ids))
         span.end()
 
+    def _draft_event(self, chunk) -> None:
+        """A ``tandem.draft`` event for the drafts verified since the previous message."""
+        now = (getattr(chunk, "num_drafts", 0), getattr(chunk, "num_draft_tokens", 0),
+               getattr(chunk, "num_accepted_draft_tokens", 0))
+        steps, drafted, accepted = (a - b for a, b in zip(now, self.drafts))
+        self.drafts = now
+        if steps > 0 and self.decode.is_recording():
+            self.decode.add_event("tandem.draft", {
+                "tandem.draft.steps": steps, "tandem.draft.tokens": drafted, "tandem.draft.accepted_tokens": accepted,
+                "tandem.draft.emitted_tokens": len(chunk.token_ids)})
+
     def _end_decode(self, reason: str | None) -> None:
         span, self.decode = self.decode, None
         if span.is_recording():
             attrs = {"gen_ai.usage.output_tokens": self.num_tokens, "tandem.stream_messages": self.num_messages}
+            if self.drafts[0]:
+                attrs.update({"tandem.draft.steps": self.drafts[0], "tandem.draft.tokens": self.drafts[1],
+                              "tandem.draft.accepted_tokens": self.drafts[2]})
             if reason is not None:
                 attrs["gen_ai.response.finish_reasons"] = [reason]
             if self.t_first is not None and self.num_later_tokens:

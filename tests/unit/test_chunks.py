@@ -18,7 +18,8 @@ def test_every_engine_field_reaches_the_wire_chunk():
     """A field added to TokenChunk fails here until StreamChunk.from_engine carries it."""
     values = {"request_id": "r", "token_ids": [4, 5], "text": "ab", "logprobs": [{4: -0.5}, {5: -1.5}],
               "finish_reason": "stop", "stop_reason": 2, "num_prompt_tokens": 40, "num_cached_tokens": 32,
-              "num_output_tokens": 7, "queue_time_s": 0.25, "num_imported_cached_tokens": 16, "emitted_at": 12.5}
+              "num_output_tokens": 7, "queue_time_s": 0.25, "num_imported_cached_tokens": 16, "emitted_at": 12.5,
+              "num_drafts": 3, "num_draft_tokens": 9, "num_accepted_draft_tokens": 5}
     assert set(values) == {f.name for f in dataclasses.fields(TokenChunk)}
     wire = StreamChunk.from_engine(TokenChunk(**values), traceparent="00-tp")
     for name, value in values.items():

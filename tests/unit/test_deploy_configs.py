@@ -64,3 +64,45 @@ def test_torch_threads_per_role(model):
         parse_args({"model": model, "mode": "unified", "torch_threads": {"decode": 1}})
     with pytest.raises(ValueError, match="args.torch_threads: must be a positive integer"):
         parse_args({"model": model, "mode": "pd", "torch_threads": {"decode": 0}})
+
+
+def spec_args(target, **speculative):
+    section = {"method": "draft_model", "model": target, "deployment": "DraftWorker", **speculative}
+    return load_config(DEPLOY / "spec.yaml", model=target, port=50099,
+                       overrides={"decode_engine": {"speculative": section}})["applications"][0]["args"]
+
+
+def test_spec_yaml_deploys_a_draft_worker_for_the_decode_engine(model):
+    raw = yaml.safe_load((DEPLOY / "spec.yaml").read_text())
+    (app,) = ServeDeploySchema.model_validate(raw).applications
+    assert {d.name for d in app.deployments} == {"Router", "PrefillWorker", "DecodeWorker", "DraftWorker"}
+    assert raw["applications"][0]["args"]["decode_engine"]["speculative"]["deployment"] == "DraftWorker"
+    config = parse_args(spec_args(model, deployment_timeout_s=0.25))
+    draft = config.drafts["DraftWorker"]
+    assert draft.target == config.workers["decode"].engine and draft.draft.deployment_timeout_s == 0.25
+    assert draft.session_ttl_s == 60 and config.workers["prefill"].engine.speculative is None
+
+
+def test_a_local_draft_in_engine_reaches_the_decoding_roles_only(model):
+    spec = {"method": "draft_model", "model": model}
+    pd = parse_args({"model": model, "mode": "pd", "engine": {"speculative": spec}})
+    assert pd.workers["decode"].engine.speculative.options.model == model and not pd.drafts
+    assert pd.workers["prefill"].engine.speculative is None
+    unified = parse_args({"model": model, "engine": {"speculative": spec}})
+    assert unified.workers["unified"].engine.speculative is not None
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"speculative": {"deployment": "DecodeWorker"}}, "speculative.deployment"),
+    ({"speculative": {"model": "/no/such/draft"}}, "speculative.model"),
+    ({"speculative": {"deployment": "bad name"}}, "deployment"),
+    ({"speculative": {"deployment_timeout_s": 0}}, "deployment_timeout_s"),
+    ({"draft_worker": {"session_ttl_s": -1}}, "args.draft_worker.session_ttl_s"),
+    ({"draft_worker": {"typo": 1}}, "args.draft_worker"),
+])
+def test_bad_draft_worker_settings_are_named(model, change, field):
+    args = spec_args(model, **change.get("speculative", {}))
+    if "draft_worker" in change:
+        args["draft_worker"] = change["draft_worker"]
+    with pytest.raises(ValueError, match=field):
+        parse_args(args)

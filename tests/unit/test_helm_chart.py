@@ -20,27 +20,27 @@ import yaml
 from router.app import parse_args
 from router.launcher import load_config
 from tests.helm_render import (CHART, ROOT, VALUES, by_kind, custom_resources, env_of, helm, helm_fails,
-                               ray_containers, rayservice_validator, render, values_of)
+                               ray_containers, rayservice_validator, render, values_from, values_of)
 
 K8S_VERSION = "1.33.0"  # a version kubernetes-validate ships schemas for
 CORE_KINDS = {"Service", "StatefulSet", "Deployment", "Secret", "ConfigMap"}
 
 
-def expected_serve_config(values: dict, namespace: str = "serving") -> dict:
-    """deploy/pd.yaml with what the chart adds on Kubernetes: the router on 0.0.0.0, Redis's
-    URL in prefix_store, each deployment pinned to its Ray group by a custom resource."""
+def expected_serve_config(values: dict, namespace: str = "serving", deploy_file: str = "pd.yaml") -> dict:
+    """deploy/pd.yaml (or ``deploy_file``) with what the chart adds on Kubernetes: the router on
+    0.0.0.0, Redis's URL in prefix_store, each deployment pinned to its Ray group by a custom resource."""
     redis = values["redis"]
     url = f"redis://tandem-redis.{namespace}.svc:{redis['port']}/0" if redis["enabled"] else redis["external"]["url"]
     groups = values["rayCluster"]["workerGroups"]
     placement = {"Router": "tandem_router", **{g["deployment"]: f"tandem_{name}" for name, g in groups.items()}}
-    pd = yaml.safe_load((ROOT / "deploy" / "pd.yaml").read_text())
+    pd = yaml.safe_load((ROOT / "deploy" / deploy_file).read_text())
     deployments = {d["name"]: {"ray_actor_options": {**d.get("ray_actor_options", {}),
                                                      "resources": {placement[d["name"]]: 1}}}
                    for d in pd["applications"][0]["deployments"]}
     overrides = {"host": "0.0.0.0", "port": values["service"]["grpcPort"]}
     if url:
         overrides["prefix_store"] = {"url": url}
-    config = load_config(ROOT / "deploy" / "pd.yaml", overrides=overrides, deployments=deployments)
+    config = load_config(ROOT / "deploy" / deploy_file, overrides=overrides, deployments=deployments)
     if not url:  # no Redis on the cluster: no Redis tier (a local URL in pd.yaml means nothing there)
         config["applications"][0]["args"].pop("prefix_store", None)
     config["http_options"] = {**config.get("http_options", {}), "host": "0.0.0.0"}
@@ -336,3 +336,41 @@ def test_extra_volumes_mounts_and_env_reach_every_ray_pod():
         container = pod["spec"]["containers"][0]
         assert {"name": "models", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
         assert env_of(container)["HF_HUB_OFFLINE"]["value"] == "1"
+
+
+# ---- the optional DraftWorker role (values-spec.yaml: deploy/spec.yaml) ----------------------
+SPEC_VALUES = CHART / "values-spec.yaml"
+
+
+def render_spec() -> list[dict]:
+    out = helm("template", "tandem", str(CHART), "--namespace", "serving", "-f", str(SPEC_VALUES))
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def test_spec_values_lint():
+    assert "0 chart(s) failed" in helm("lint", "--strict", str(CHART), "-f", str(SPEC_VALUES))
+
+
+def test_spec_values_render_spec_yaml_with_the_draft_worker_on_its_own_group(tmp_path):
+    values = values_from(SPEC_VALUES)
+    (rayservice,) = by_kind(render_spec(), "RayService")
+    errors = [e.message for e in rayservice_validator().iter_errors(rayservice)]
+    assert not errors, errors[:5]
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert set(groups) == {"prefill", "decode", "draft"}
+    assert custom_resources(groups["draft"]) == {"tandem_draft": 1}
+    rendered = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    assert by_name(rendered) == by_name(expected_serve_config(values, deploy_file="spec.yaml"))
+    deployments = by_name(rendered)["applications"]["tandem"]["deployments"]
+    assert deployments["DraftWorker"]["ray_actor_options"]["resources"] == {"tandem_draft": 1}
+    # the builder accepts the rendered args (target and draft: a small checkpoint here)
+    from services.engine.make_model import make_model
+
+    model = str(make_model("tiny-llama", tmp_path / "m"))
+    args = rendered["applications"][0]["args"]
+    args["model"] = model
+    args["decode_engine"]["speculative"]["model"] = model
+    config = parse_args(args)
+    assert set(config.drafts) == {"DraftWorker"} and config.workers["prefill"].engine.speculative is None
+    assert config.drafts["DraftWorker"].target == config.workers["decode"].engine

@@ -248,3 +248,23 @@ def test_a_migrating_request_never_gets_a_failed_replica_and_does_not_wait_for_o
 
     chosen, waited = run(main())
     assert chosen == {"c"} and waited < 1.0
+
+
+def test_draft_counts_of_every_placement_add_up_in_the_usage():
+    """Each replica counts a request's drafts from 0: after a migration the usage keeps the
+    earlier placement's counts and adds the new one's."""
+
+    class Drafting(FailingReplicas):
+        async def run(self, call, ctl):
+            n = 0
+            async for c in super().run(call, ctl):
+                n += 1
+                c.num_drafts, c.num_draft_tokens, c.num_accepted_draft_tokens = n, 3 * n, 2 * n
+                yield c
+
+    pipeline = Drafting([(4, ConnectionError("channel to replica u0 broke"))])  # 2 chunks there, then 3 on u1
+    live, got = run(drain(lifecycle(pipeline)))
+    assert [t for c in got for t in c.token_ids] == OUTPUT
+    assert [c.num_drafts for c in got] == [1, 2, 3, 4, 5]
+    u = live.usage
+    assert (u.draft_steps, u.draft_tokens, u.accepted_draft_tokens) == (5, 15, 10)

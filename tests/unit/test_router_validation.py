@@ -64,3 +64,24 @@ def test_status_mapping_has_no_stack_traces():
     assert status_for(KVTransferError("lost"))[0] == grpc.StatusCode.UNAVAILABLE
     code, msg = status_for(RuntimeError("boom"), "r1")
     assert code == grpc.StatusCode.INTERNAL and "boom" not in msg
+
+
+def test_a_request_opts_out_of_speculative_decoding_over_grpc(validator):
+    assert build(validator, prompt="hi").params.speculative is True  # unset: the engine's default
+    off = build(validator, prompt="hi", sampling=pb.SamplingParams(speculative=False))
+    assert off.params.speculative is False
+    assert build(validator, prompt="hi", sampling=pb.SamplingParams(speculative=True)).params.speculative is True
+
+
+def test_the_final_usage_carries_the_request_s_drafts():
+    from router.lifecycle import Usage
+    from router.servicer import GenerationServicer
+    from services.types import StreamChunk
+
+    usage = Usage(prompt_tokens=3)
+    last = StreamChunk([7, 8], finish_reason="length", num_output_tokens=9, num_drafts=4, num_draft_tokens=12,
+                       num_accepted_draft_tokens=5)
+    usage.add(last)
+    msg = GenerationServicer._response("r", last, usage)
+    assert (msg.usage.draft_steps, msg.usage.draft_tokens, msg.usage.accepted_draft_tokens) == (4, 12, 5)
+    assert msg.usage.completion_tokens == 9

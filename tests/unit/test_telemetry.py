@@ -450,3 +450,33 @@ def test_engine_step_stamps_its_output(tmp_path):
     before = time.time()
     chunks = eng.step()
     assert len(chunks) == 2 and before <= chunks[0].emitted_at == chunks[1].emitted_at <= time.time()
+
+
+def test_decode_span_has_a_draft_event_per_message_with_drafts(spans):
+    exporter, tracer = spans
+
+    class Speculating(FakeWorker):
+        @traced_stream("decode")
+        async def decode(self, call):
+            yield StreamChunk([6], num_output_tokens=2)
+            yield StreamChunk([7, 8, 9], num_output_tokens=5, num_drafts=1, num_draft_tokens=3,
+                              num_accepted_draft_tokens=2)
+            yield StreamChunk([10], num_output_tokens=6, num_drafts=2, num_draft_tokens=6, num_accepted_draft_tokens=2)
+            yield StreamChunk([11, 12, 13, 14, 15], num_output_tokens=11, num_drafts=4, num_draft_tokens=12,
+                              num_accepted_draft_tokens=5, finish_reason="length")  # two steps in one message
+
+    w = Speculating(WorkerTelemetry(Identity("m", "decode", "d0"), tracer=tracer))
+    call = gen_call()
+    kv = KVHandle("fake", call.request_id, 5, 1, 16, "float32", (2, 2, 1, 16, 1, 2))
+    drain(w.decode(DecodeCall(call, 5, None, kv)))
+    (span,) = by_name(exporter)["tandem.decode"]
+    events = [dict(e.attributes) for e in span.events if e.name == "tandem.draft"]
+    assert events == [
+        {"tandem.draft.steps": 1, "tandem.draft.tokens": 3, "tandem.draft.accepted_tokens": 2,
+         "tandem.draft.emitted_tokens": 3},
+        {"tandem.draft.steps": 1, "tandem.draft.tokens": 3, "tandem.draft.accepted_tokens": 0,
+         "tandem.draft.emitted_tokens": 1},
+        {"tandem.draft.steps": 2, "tandem.draft.tokens": 6, "tandem.draft.accepted_tokens": 3,
+         "tandem.draft.emitted_tokens": 5}]
+    assert (span.attributes["tandem.draft.steps"], span.attributes["tandem.draft.tokens"],
+            span.attributes["tandem.draft.accepted_tokens"]) == (4, 12, 5)

@@ -8,6 +8,11 @@ verified tokens across requests). Each request has a shadow
 not keep is rolled back (``KVCacheManager.rollback``), the tokens the draft has not seen are
 run as one chunk, then k - 1 single-token steps follow, batched over the requests.
 
+With ``deployment: NAME`` the same draft runs in a ``DraftWorker`` Serve deployment instead,
+shared by many engines (services/draft_worker.py, which runs ``DraftModelProposer`` itself):
+the host process injects the proposer that calls it (``HostDeps.proposers[NAME]``), since the
+engine imports no ray.
+
 Greedy requests get the draft's argmax (q one-hot); sampled requests draw each draft token from
 the draft's distribution filtered by the request's own parameters, and that q goes to the
 verifier. When the draft's pool is full the drafts of requests not in this call are dropped
@@ -43,10 +48,20 @@ class DraftModelOptions:
     model: str = ""  # the draft's checkpoint folder or .gguf file (or a model name: smollm2, embedded)
     num_speculative_tokens: int = 3  # k: tokens proposed per step at most
     num_kv_blocks: int | None = None  # the draft's KV pool in blocks; None = as many as the target's
+    # the draft hosted in a DraftWorker deployment of this name ("" = in this process)
+    deployment: str = ""
+    deployment_timeout_s: float = 0.1  # per engine step: a slower (or dead) DraftWorker = no draft that step
+    deployment_retry_s: float = 1.0  # after a failed call, steps run without asking it for this long
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ConfigError("model", "the draft model's path is required")
+        if not isinstance(self.deployment, str) or (self.deployment and not self.deployment.isidentifier()):
+            raise ConfigError("deployment", f"must be a deployment name (letters, digits, _), got {self.deployment!r}")
+        for name in ("deployment_timeout_s", "deployment_retry_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 60:
+                raise ConfigError(name, f"must be a number of seconds in (0, 60], got {value!r}")
         if self.num_speculative_tokens < 1:
             raise ConfigError("num_speculative_tokens", f"must be >= 1, got {self.num_speculative_tokens}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
@@ -198,4 +213,10 @@ class DraftModelProposer(Proposer):
 
 @PROPOSERS.register("draft_model", options=DraftModelOptions)
 def draft_model(options: DraftModelOptions, deps: HostDeps):
-    return lambda target: DraftModelProposer(options, target)
+    if not options.deployment:
+        return lambda target: DraftModelProposer(options, target)
+    remote = deps.proposers.get(options.deployment)
+    if remote is None:
+        raise ValueError(f"speculative.deployment: no deployment {options.deployment!r} is wired to this engine "
+                         f"(the Serve app builds it; in-process engines use the draft without deployment)")
+    return lambda target: remote(options, target)
