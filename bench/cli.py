@@ -20,6 +20,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "serve": ("bench.serve", "gRPC load generator against a running server"),
     "prefix": ("bench.prefix", "time to first token with and without the Redis prefix cache"),
     "grpc-floor": ("bench.grpc_floor", "grpc.aio's own per-message delay on this machine"),
+    "spec": ("bench.spec", "speculative decoding on vs off: tok/s and acceptance, chat and input-grounded prompts"),
 }
 
 
