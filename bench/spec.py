@@ -14,8 +14,9 @@ Workload: the fixed prompt sets of bench/spec_prompts.py (``chat`` and ``grounde
 rendered with the model's chat template; greedy, stopping at EOS / end of turn or at
 ``--output-len`` tokens. At concurrency c, ``max(c, --requests)`` requests (the set's first
 ones) run in a closed loop with c in flight: a request starts as soon as one finishes. Every
-(set, c) runs each mode in turn, ``--rounds`` times (modes interleaved, so a drift of the
-machine's speed hits them alike), after one warm-up pass of every mode over the set.
+(set, c) runs each mode in turn, ``--rounds`` times (modes interleaved, in reverse order every
+other round, so a drift of the machine's speed hits them alike), after a warm-up of every mode on the set (``--warmup``
+requests at once).
 
 Figures, per (set, c, mode): out tok/s = output tokens / wall time from the first submit to the
 last finish (prefill included; the median round), and from the engine's counters over those
@@ -111,8 +112,10 @@ def bench_level(engines: dict, prompts: list[list[int]], c: int, args: argparse.
     n = max(c, args.requests)
     batch = prompts[:n]
     rounds: dict[str, list[dict]] = {m: [] for m in engines}
-    for _ in range(args.rounds):
-        for mode, engine in engines.items():
+    for r in range(args.rounds):
+        order = list(engines) if r % 2 == 0 else list(engines)[::-1]  # ABBA: a linear drift hits all alike
+        for mode in order:
+            engine = engines[mode]
             rounds[mode].append(closed_loop(engine, batch, c, params_for(engine, args.output_len)))
     reference = rounds[next(iter(engines))][0]["token_ids"]
     identical = all(r["token_ids"] == reference for rs in rounds.values() for r in rs)
@@ -136,14 +139,15 @@ def run(args: argparse.Namespace) -> dict:
     res = {"model": {"arg": args.model, "path": str(path)}, "dtype": args.dtype,
            "method": args.method, "draft": args.draft, "num_speculative_tokens": args.k,
            "workload": {"concurrency": args.levels, "output_len": args.output_len, "requests": args.requests,
-                        "rounds": args.rounds, "prompt_tokens": {s: [len(p) for p in ps] for s, ps in sets.items()}},
+                        "rounds": args.rounds, "warmup": args.warmup, "prompt_tokens": {s: [len(p) for p in ps] for s, ps in sets.items()}},
            "env": sysperf.environment(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "sets": {}}
     blocks = kv_blocks_needed(sets, args)
     with CpuMonitor() as mon:
         engines = {mode: make_engine(path, args, mode, blocks) for mode in args.modes}
         for name, prompts in sets.items():
             for mode, engine in engines.items():  # warm-up: kernels, allocator, the policy's first estimates
-                closed_loop(engine, prompts[:max(args.levels)], max(args.levels), params_for(engine, args.output_len))
+                if args.warmup:
+                    closed_loop(engine, prompts[:args.warmup], args.warmup, params_for(engine, args.output_len))
             res["sets"][name] = [bench_level(engines, prompts, c, args) for c in args.levels]
     res["other_cpu_frac"] = mon.other_cpu_frac
     res["elapsed_s"] = mon.wall_s
@@ -215,7 +219,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--output-len", type=int, default=128, help="new tokens per request at most")
     ap.add_argument("--requests", type=int, default=8, help="requests per level at least (c if larger)")
     ap.add_argument("--rounds", type=int, default=2, help="runs of each (set, c, mode)")
+    ap.add_argument("--warmup", type=int, help="requests (all at once) of each mode's warm-up per set; "
+                                               "default max(--concurrency), 0 = none")
     ap.add_argument("--dtype", default="auto", help="the engine's dtype (auto: its default, float32 on CPU)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     ap.add_argument("--json", type=Path, help="write every raw figure here")
     args = ap.parse_args(argv)
     try:
@@ -229,15 +236,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--sets must name {sorted(PROMPT_SETS)}, --modes {list(MODES)}")
     if (args.method == "draft_model") != bool(args.draft):
         ap.error("--draft PATH goes with --method draft_model (and only with it)")
-    if args.output_len < 1 or args.rounds < 1 or args.requests < 1 or args.k < 1:
-        ap.error("--output-len, --rounds, --requests and --k must be >= 1")
+    if args.output_len < 1 or args.rounds < 1 or args.requests < 1 or args.k < 1 or (args.threads or 1) < 1:
+        ap.error("--output-len, --rounds, --requests, --k and --threads must be >= 1")
+    args.warmup = max(args.levels) if args.warmup is None else args.warmup
+    if args.warmup < 0:
+        ap.error("--warmup must be >= 0")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``tandem bench spec ...``: run, print the table, optionally write JSON. Returns 0."""
+    """``tandem bench spec ...``: run, print the table, optionally write JSON. Returns 0.
+    ``--threads`` sets torch's thread count for the run only (restored afterwards)."""
     args = parse_args(argv)
-    res = run(args)
+    import torch
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        res = run(args)
+    finally:
+        torch.set_num_threads(threads)
     print_table(res)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -107,7 +107,7 @@ def test_warm_up_alternates_then_exploration_keeps_estimates_current():
     policy = SpeculationPolicy(PolicyConfig(min_samples=2, explore_min=4, explore_max=16))
     expensive = FakeEngine(32, 0.2, CPU)
     kinds = [bool(sum(expensive.step(policy, "policy")[2])) for _ in range(4)]
-    assert kinds == [True, False, True, False]  # warm-up: full drafts, none, full, none
+    assert kinds == [True, False, True, False]  # warm-up: one draft token each, none, one each, none
     choices = [sum(expensive.step(policy, "policy")[2]) for _ in range(80)]
     explored = [k for k in choices if k]
     assert 0 < len(explored) <= 12 and all(k == 32 for k in explored)  # exploring costs 1 token per request
@@ -152,7 +152,7 @@ def test_catch_up_time_of_a_proposer_after_a_pause_is_not_learned():
     policy = SpeculationPolicy()
     ask = [Ask("a", K)]
     spec = StepCost(1, K, 0, 0.016, 1.0, K, (DraftOutcome("a", K, K, K),))
-    for expect in ([K], [0], [K], [0]):  # warm-up; each drafting step follows one without: not in sync
+    for expect in ([1], [0], [1], [0]):  # warm-up; each drafting step follows one without: not in sync
         assert policy.plan(ask, 1) == expect
         policy.observe(spec if expect[0] else StepCost(1, 0, 0, 0.015, 0.0, 0, ()))
     assert policy.bucket(1).propose_s.n == 0

@@ -32,11 +32,13 @@ costs ``c_i = phi_i * slope + propose_s`` and gains ``g_ij = phi_i * alpha_i ** 
 average. From the plain step (N tokens in T(N) seconds), positions are added in decreasing
 order of g / c while g / c > N / T: each such addition raises N / T, and in that order the
 first one that does not marks the maximum of tokens per second (a ratio objective over items of
-known gain and cost; Dinkelbach 1967). A bucket so large that the slope exceeds N / T's inverse
+known gain and cost; Dinkelbach 1967). A position must clear N / T by ``margin`` (10%): near
+break-even the estimates' noise would decide, and a wrong guess there costs more than it gains. A bucket so large that the slope exceeds N / T's inverse
 gain never speculates; a request that keeps accepting speculates longer than one that does not;
 nothing switches at a fixed batch size.
 
-Exploration: a bucket starts by alternating plain and full-draft steps until it has
+Exploration: a bucket starts by alternating plain steps and steps of one draft token per
+request until it has
 ``min_samples`` of each; after that, every ``interval`` steps it runs the step the estimates
 did not choose (no drafts when they chose some; one draft token per request when they chose
 none, the cheapest step that measures both the acceptance and the cost of a draft row), so
@@ -68,6 +70,7 @@ class PolicyConfig:
     global_decay: float = 0.97  # EWMA weight of old acceptance counts over all requests
     request_decay: float = 0.7  # EWMA weight of a request's old acceptance counts
     prior_weight: float = 1.0  # how many drafts' worth the global estimate counts in a request's
+    margin: float = 0.1  # a draft position must promise this much more than the step's tokens/s
 
 
 @dataclass(frozen=True)
@@ -122,23 +125,16 @@ class _Ewma:
         self.n, self.last = self.n + 1, now
 
 
-@dataclass
 class _Bucket:
     """Time estimates of one bucket and its exploration clock."""
 
-    decay: float
-    interval: int
-    plain_rows: _Ewma = None
-    plain_s: _Ewma = None
-    spec_rows: _Ewma = None
-    spec_s: _Ewma = None
-    propose_s: _Ewma = None  # per asked position
-    since_explore: int = 0
-    last_choice: bool | None = None  # whether the estimates chose drafts at the last exploration
-
-    def __post_init__(self) -> None:
-        for name in ("plain_rows", "plain_s", "spec_rows", "spec_s", "propose_s"):
-            setattr(self, name, _Ewma(self.decay))
+    def __init__(self, decay: float, interval: int):
+        self.plain_rows, self.plain_s = _Ewma(decay), _Ewma(decay)  # steps without drafts: rows, seconds
+        self.spec_rows, self.spec_s = _Ewma(decay), _Ewma(decay)  # steps with drafts: rows, seconds
+        self.propose_s = _Ewma(decay)  # the proposer's seconds per asked position (steps in sync)
+        self.interval = interval  # steps between explorations now
+        self.since_explore = 0
+        self.last_choice: bool | None = None  # whether the estimates chose drafts at the last exploration
 
     def slope(self) -> float:
         """Seconds per extra row (>= 0); the plain step's time per row when spec and plain
@@ -225,7 +221,7 @@ class SpeculationPolicy:
         b = self.bucket(num_decodes)
         cfg = self.config
         if min(b.plain_s.n, b.spec_s.n) < cfg.min_samples:  # warming up: alternate
-            chosen = limits if b.spec_s.n <= b.plain_s.n else self._fixed_only(asks)
+            chosen = self._one_each(asks) if b.spec_s.n <= b.plain_s.n else self._fixed_only(asks)
         else:
             chosen = self.best(asks, num_decodes)
             b.since_explore += 1
@@ -233,7 +229,7 @@ class SpeculationPolicy:
                 chooses = any(k for k, a in zip(chosen, asks) if not a.fixed)
                 b.interval = min(2 * b.interval, cfg.explore_max) if chooses == b.last_choice else cfg.explore_min
                 b.since_explore, b.last_choice = 0, chooses
-                chosen = self._fixed_only(asks) if chooses else [a.limit if a.fixed else 1 for a in asks]
+                chosen = self._fixed_only(asks) if chooses else self._one_each(asks)
                 self._plan.explored = True
         self._remember(asks, chosen)
         return chosen
@@ -256,7 +252,7 @@ class SpeculationPolicy:
                     items.append((gain / max(cost, 1e-12), j, i, gain, cost))
         items.sort(key=lambda t: (-t[0], t[1]))
         for ratio, j, i, gain, cost in items:
-            if gain <= 0 or ratio <= tokens / seconds:
+            if gain <= 0 or ratio <= (1 + self.config.margin) * tokens / seconds:
                 break
             tokens, seconds, chosen[i] = tokens + gain, seconds + cost, j
         return chosen
@@ -291,6 +287,11 @@ class SpeculationPolicy:
     @staticmethod
     def _fixed_only(asks: Sequence[Ask]) -> list[int]:
         return [a.limit if a.fixed else 0 for a in asks]
+
+    @staticmethod
+    def _one_each(asks: Sequence[Ask]) -> list[int]:
+        """The cheapest step that measures a draft row's cost and the acceptance: one token each."""
+        return [a.limit if a.fixed else 1 for a in asks]
 
     def _remember(self, asks: Sequence[Ask], chosen: Sequence[int]) -> None:
         before = self._plan.asked
