@@ -33,13 +33,12 @@ average. From the plain step (N tokens in T(N) seconds), positions are added in 
 order of g / c while g / c > N / T: each such addition raises N / T, and in that order the
 first one that does not marks the maximum of tokens per second (a ratio objective over items of
 known gain and cost; Dinkelbach 1967). A position must clear N / T by ``margin`` (10%): near
-break-even the estimates' noise would decide, and a wrong guess there costs more than it gains. A bucket so large that the slope exceeds N / T's inverse
-gain never speculates; a request that keeps accepting speculates longer than one that does not;
-nothing switches at a fixed batch size.
+break-even the estimates' noise would decide. Where a row costs more than the tokens a draft
+position adds are worth at the step's rate, nothing is drafted; a request that keeps accepting
+speculates at larger batches than one that does not; nothing switches at a fixed batch size.
 
 Exploration: a bucket starts by alternating plain steps and steps of one draft token per
-request until it has
-``min_samples`` of each; after that, every ``interval`` steps it runs the step the estimates
+request until it has ``min_samples`` of each; after that, every ``interval`` steps it runs the step the estimates
 did not choose (no drafts when they chose some; one draft token per request when they chose
 none, the cheapest step that measures both the acceptance and the cost of a draft row), so
 estimates that went stale (load changed, requests changed) are measured again. The interval
