@@ -21,6 +21,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "prefix": ("bench.prefix", "time to first token with and without the Redis prefix cache"),
     "grpc-floor": ("bench.grpc_floor", "grpc.aio's own per-message delay on this machine"),
     "moe": ("bench.moe", "MoE decode tok/s with part of the experts resident (offload) against local"),
+    "spec": ("bench.spec", "speculative decoding on vs off: tok/s and acceptance, chat and input-grounded prompts"),
 }
 
 

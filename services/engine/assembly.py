@@ -1,7 +1,7 @@
 """The one place an engine is put together from its config, in this order:
 
     resolve device/dtype -> build the model with its expert backend -> load the weights
-    -> quantize -> CPU backend (kernels) -> tokenizer, KV pool, scheduler, runner -> proposer
+    -> quantize -> CPU backend (kernels) -> tokenizer, KV pool, scheduler, runner -> proposer + policy
 
 Each step gets only its part of the ``EngineConfig``; the variants (expert backend, quantizer,
 proposer) come from their registries with the host's ``HostDeps`` (services/engine/plugins.py).
@@ -33,6 +33,7 @@ from services.engine.sampler import Sampler
 from services.engine.scheduler import Scheduler
 from services.engine.spec_decode import PROPOSERS
 from services.engine.spec_decode.base import Proposer, TargetInfo
+from services.engine.spec_decode.policy import PolicyConfig, SpeculationPolicy
 from services.engine.tokenizer import Tokenizer
 
 
@@ -51,6 +52,7 @@ class EngineParts:
     scheduler: Scheduler  # batching and admission over ``kv``
     runner: ModelRunner  # runs a step's tokens through ``model`` over the paged caches
     proposer: Proposer | None  # speculative proposer (services/engine/spec_decode); None = off
+    policy: SpeculationPolicy | None  # when to propose (spec_decode/policy.py); None with no proposer
 
 
 def assemble(config: EngineConfig, deps: HostDeps,
@@ -79,9 +81,10 @@ def assemble(config: EngineConfig, deps: HostDeps,
     generator = torch.Generator(device=device).manual_seed(config.seed)
     runner = ModelRunner(model, kv, num_blocks, device, dtype, Sampler(generator))
     tokenizer = Tokenizer(config.model)
-    proposer = None
+    proposer, policy = None, None
     if config.speculative is not None:
         target = TargetInfo(mc, tokenizer, device, dtype, cache.block_size, num_blocks, max_model_len, config.seed)
         proposer = PROPOSERS.create(config.speculative, deps)(target)
+        policy = SpeculationPolicy(PolicyConfig(adaptive=getattr(config.speculative.options, "adaptive", True)))
     return EngineParts(device, dtype, model, cpu_backend, tokenizer, fingerprint, max_model_len,
-                       kv, scheduler, runner, proposer)
+                       kv, scheduler, runner, proposer, policy)

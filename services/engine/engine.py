@@ -22,6 +22,7 @@ from services.engine.outputs import TokenChunk
 from services.engine.plugins import HostDeps
 from services.engine.request import Request
 from services.engine.sampling_params import SamplingParams
+from services.engine.spec_decode.policy import Ask, DraftOutcome, StepCost
 from services.engine.tokenizer import Detokenizer
 
 
@@ -56,6 +57,7 @@ class LLMEngine:
         self.model, self.cpu_backend, self.model_config = parts.model, parts.cpu_backend, parts.model.config
         self.tokenizer, self.fingerprint, self.max_model_len = parts.tokenizer, parts.fingerprint, parts.max_model_len
         self.kv, self.scheduler, self.runner, self.proposer = parts.kv, parts.scheduler, parts.runner, parts.proposer
+        self.policy = parts.policy
         self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
         self.stats = EngineStats(kv_blocks_total=self.kv.pool.num_blocks)
@@ -64,6 +66,7 @@ class LLMEngine:
         if self.proposer is not None:
             self.stats.spec_num_accepted_per_pos = [0] * self.proposer.num_speculative_tokens
             self._finish_hooks.append(lambda req, reason: self.proposer.release(req.request_id))
+            self._finish_hooks.append(lambda req, reason: self.policy.release(req.request_id))
 
     def add_finish_hook(self, hook: Callable[[Request, str], None]) -> None:
         """Call ``hook(req, reason)`` whenever a request finishes (stop, length, abort), in the
@@ -253,8 +256,10 @@ class LLMEngine:
     # ---- one step ------------------------------------------------------------------------
     def step(self) -> list[TokenChunk]:
         """Schedule and run one batch; return the output of every request that made progress."""
+        t0 = time.perf_counter()
         if self.proposer is not None:
             self._propose()
+        t1 = time.perf_counter()
         out = self.scheduler.schedule()
         self.stats.num_preemptions += len(out.preempted_request_ids)
         if out.is_empty:
@@ -268,6 +273,8 @@ class LLMEngine:
         drafts = out.scheduled_spec_decode_tokens
         result = self.runner.execute(out.num_scheduled_tokens, requests, drafts)
         self.scheduler.update_after_step(out, {rid: len(d) - result.num_accepted[rid] for rid, d in drafts.items()})
+        if self.policy is not None:
+            self._observe_step(out, result, t1 - t0, time.perf_counter() - t1)
         self._count_drafts(drafts, result.num_accepted, requests)
         self.stats.num_prompt_tokens_computed += result.num_prompt_tokens_computed
         self.stats.num_steps += 1
@@ -280,25 +287,40 @@ class LLMEngine:
         return chunks
 
     def _propose(self) -> None:
-        """Ask the proposer for the next step's drafts of every running request in decode state
-        that speculates, each at most as long as its remaining max_tokens / context allow."""
+        """Ask the proposer for the next step's drafts of the running requests in decode state
+        that speculate, each as long as the policy chose (spec_decode/policy.py) and at most as
+        long as its remaining max_tokens / context allow. A seeded sampled request always gets
+        its whole limit: its tokens must not depend on the timings the policy measures."""
         k = self.proposer.num_speculative_tokens
-        asks, limits = [], []
+        asks, reqs, num_decodes = [], [], 0
         for req in self.scheduler.running:
             req.spec_token_ids, req.spec_probs = [], None
-            if req.num_tokens - req.num_computed_tokens != 1 or not req.params.speculative:
+            if req.num_tokens - req.num_computed_tokens != 1:
                 continue
+            num_decodes += 1
             # the step emits up to limit + 1 tokens: no more than max_tokens or the context allow
             limit = min(k, req.params.max_tokens - len(req.output_token_ids) - 1,
                         self.max_model_len - req.num_tokens - 1)
-            if limit > 0:
-                asks.append(req)
-                limits.append(limit)
-        if not asks:
+            if limit > 0 and req.params.speculative:
+                reqs.append(req)
+                asks.append(Ask(req.request_id, limit, fixed=req.generator is not None and not req.params.greedy))
+        chosen = [(req, n) for req, n in zip(reqs, self.policy.plan(asks, num_decodes)) if n]
+        if not chosen:
             return
-        for req, draft, limit in zip(asks, self.proposer.propose(asks, limits), limits):
-            req.spec_token_ids = list(draft.token_ids[:limit])
+        for (req, n), draft in zip(chosen, self.proposer.propose([r for r, _ in chosen], [n for _, n in chosen])):
+            req.spec_token_ids = list(draft.token_ids[:n])
             req.spec_probs = draft.probs
+
+    def _observe_step(self, out, result, propose_s: float, step_s: float) -> None:
+        """Tell the policy what the step cost and what became of the drafts it asked for."""
+        drafts = out.scheduled_spec_decode_tokens
+        asked = {rid: n for rid, n in self.policy.last_asked.items() if rid in out.num_scheduled_tokens}
+        outcomes = tuple(DraftOutcome(rid, n, len(drafts.get(rid, ())), result.num_accepted.get(rid, 0))
+                         for rid, n in asked.items())
+        num_draft_rows = sum(len(d) for d in drafts.values())
+        self.policy.observe(StepCost(result.num_decode_tokens - num_draft_rows, num_draft_rows,
+                                     result.num_prompt_tokens_computed, step_s, propose_s,
+                                     sum(self.policy.last_asked.values()), outcomes))
 
     def _count_drafts(self, drafts: dict[str, list[int]], accepted: dict[str, int],
                       requests: dict[str, Request]) -> None:

@@ -40,7 +40,7 @@ def remote_llm(target, draft, timeout_s=10.0, retry_s=0.2, k=3):
     """An LLM whose draft_model proposer calls a DraftService through an in-process handle;
     returns (llm, handle)."""
     spec = {"method": "draft_model", "model": draft, "deployment": "D", "num_speculative_tokens": k,
-            "deployment_timeout_s": timeout_s, "deployment_retry_s": retry_s}
+            "deployment_timeout_s": timeout_s, "deployment_retry_s": retry_s, "adaptive": False}
     config = build_engine_config(target, device="cpu", block_size=16, num_kv_blocks=128, speculative_config=spec)
     handle = InProcessHandle(DraftService.from_config(DraftWorkerConfig("D", config), "r1"))
     handle.config = DraftWorkerConfig("D", config)  # a replacement replica is built from it

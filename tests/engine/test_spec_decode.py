@@ -1,7 +1,9 @@
 """Speculative decoding in the engine on tiny Llamas: greedy output identical with speculation on
 and off (n-gram and draft model; batched, staggered, preempted, prefix hits, stops inside an
-accepted run), every KV block free afterwards, the target as its own draft accepting every
-proposal, and sampled output following the target's distribution with a poor draft."""
+accepted run; drafting every step, with the adaptive policy, and with draft lengths chosen at
+random per request and step), every KV block free afterwards, the target as its own draft
+accepting every proposal, and sampled output following the target's distribution with a poor
+draft."""
 
 import math
 import random
@@ -15,6 +17,7 @@ from scipy.stats import chisquare
 
 from services.engine import LLM, SamplingParams
 from services.engine.model_catalog import embedded_model_path
+from services.engine.spec_decode.policy import SpeculationPolicy
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
@@ -52,10 +55,14 @@ def poor_draft(target, tmp_path_factory):
     return noisy_copy(target, tmp_path_factory.mktemp("draft") / "model", noise=0.5)
 
 
-def spec_config(kind, target, poor_draft, k=3):
+def spec_config(kind, target, poor_draft, k=3, adaptive=False):
+    """The speculative section of ``kind``; ``adaptive=False`` (these tests' default) drafts at
+    every step, so what a test checks does not depend on the policy's timings."""
     if kind == "ngram":
-        return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
-    return {"method": "draft_model", "model": target if kind == "self" else poor_draft, "num_speculative_tokens": k}
+        return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+                "adaptive": adaptive}
+    return {"method": "draft_model", "model": target if kind == "self" else poor_draft, "num_speculative_tokens": k,
+            "adaptive": adaptive}
 
 
 def engine_llm(target, spec=None, **options):
@@ -239,4 +246,65 @@ def test_sampled_output_follows_the_target_distribution_with_a_poor_draft(target
     counts = torch.tensor([seconds.count(t) for t in top], dtype=torch.float64)
     stat = chisquare(counts.numpy(), (p * len(seconds)).numpy())
     assert stat.pvalue > 1e-3, (counts.tolist(), (p * len(seconds)).tolist())
+    assert_all_free(llm)
+
+
+def run_staggered(engine, prompts, params):
+    """Add a request every other step while others are mid-draft; the requests, in order."""
+    pending, reqs, step = list(prompts), [], 0
+    while pending or engine.has_unfinished_requests():
+        if pending and step % 2 == 0:
+            reqs.append(engine.add_request(pending.pop(0), params))
+        engine.step()
+        step += 1
+    return reqs
+
+
+@pytest.mark.parametrize("kind", ["ngram", "draft", "self"])
+def test_greedy_output_is_identical_with_the_adaptive_policy(kind, target, poor_draft, baseline):
+    expected = [o.token_ids for o in baseline.generate(PROMPTS, GREEDY)]
+    llm = engine_llm(target, spec_config(kind, target, poor_draft, adaptive=True))
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
+    assert llm.engine.stats.spec_num_drafts > 0  # the policy's warm-up drafts, whatever it measures after
+    assert [r.output_token_ids for r in run_staggered(llm.engine, PROMPTS, GREEDY)] == expected
+    assert not llm.engine.policy.requests  # finished requests are forgotten
+    assert_all_free(llm)
+
+
+class RandomLengths(SpeculationPolicy):
+    """A policy that asks each request for a random number of draft tokens (0..limit) per step."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.rng = random.Random(seed)
+
+    def plan(self, asks, num_decodes):
+        chosen = [self.rng.randint(0, a.limit) for a in asks]
+        self._remember(asks, chosen)
+        return chosen
+
+
+@pytest.mark.parametrize("kind", ["ngram", "draft", "self"])
+def test_greedy_output_is_identical_whatever_draft_lengths_a_policy_chooses(kind, target, poor_draft, baseline):
+    """Requests skipped for some steps (a draft model's shadow falls behind and catches up) and
+    drafts shorter than k keep every output what the target alone produces."""
+    expected = [o.token_ids for o in baseline.generate(PROMPTS, GREEDY)]
+    llm = engine_llm(target, spec_config(kind, target, poor_draft, k=4))
+    for seed in range(3):
+        llm.engine.policy = RandomLengths(seed)
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected, seed
+        assert [r.output_token_ids for r in run_staggered(llm.engine, PROMPTS, GREEDY)] == expected, seed
+    assert llm.engine.stats.spec_num_drafts > 0
+    assert_all_free(llm)
+
+
+def test_seeded_sampled_requests_draft_every_step_with_the_policy_on(target, poor_draft):
+    """Their tokens must not depend on timings: the policy gives them their whole limit, so they
+    match the engine that drafts every step, alone or next to greedy requests the policy decides for."""
+    params = SamplingParams(max_tokens=20, temperature=3.0, top_k=10, seed=99, ignore_eos=True)
+    prompt = rand_ids(12, seed=8)
+    always = engine_llm(target, spec_config("draft", target, poor_draft)).generate([prompt], params)[0].token_ids
+    llm = engine_llm(target, spec_config("draft", target, poor_draft, adaptive=True))
+    mixed = llm.generate([rand_ids(9, 3), prompt, repetitive(8, 4)], [GREEDY, params, GREEDY])[1].token_ids
+    assert mixed == always == llm.generate([prompt], params)[0].token_ids
     assert_all_free(llm)

@@ -62,7 +62,8 @@ def app(config_file: str, model: str, overrides: dict):
 
 
 def draft_section(draft: str, deployment: str = "") -> dict:
-    spec = {"method": "draft_model", "model": draft, "num_speculative_tokens": 3}
+    # adaptive: false drafts every step (the counts and the kill below need drafts in every stream)
+    spec = {"method": "draft_model", "model": draft, "num_speculative_tokens": 3, "adaptive": False}
     return {**spec, "deployment": deployment, **SPEC_TIMING} if deployment else spec
 
 

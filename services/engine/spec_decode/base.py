@@ -51,6 +51,14 @@ class Draft:
 NO_DRAFT = Draft([])
 
 
+@dataclass(frozen=True)
+class SpeculativeOptions:
+    """Options of every method (the ``speculative`` section's common keys); each method's
+    options dataclass extends this one."""
+
+    adaptive: bool = True  # propose only where the measured costs say it pays (policy.py); False = every step
+
+
 class Proposer(abc.ABC):
     """Proposes drafts for running requests once per engine step, before scheduling.
 

@@ -37,13 +37,13 @@ from services.engine.request import Request
 from services.engine.runner import ModelRunner
 from services.engine.sampler import Sampler, argmax_rows, filtered_probs
 from services.engine.spec_decode import PROPOSERS
-from services.engine.spec_decode.base import NO_DRAFT, Draft, Proposer, TargetInfo
+from services.engine.spec_decode.base import NO_DRAFT, Draft, Proposer, SpeculativeOptions, TargetInfo
 from services.engine.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
-class DraftModelOptions:
-    """``speculative: {method: draft_model, model: PATH, ...}``."""
+class DraftModelOptions(SpeculativeOptions):
+    """``speculative: {method: draft_model, model: PATH, ...}`` (and ``adaptive``, SpeculativeOptions)."""
 
     model: str = ""  # the draft's checkpoint folder or .gguf file (or a model name: smollm2, embedded)
     num_speculative_tokens: int = 3  # k: tokens proposed per step at most

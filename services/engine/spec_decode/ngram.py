@@ -18,12 +18,12 @@ from services.engine.config_parse import ConfigError
 from services.engine.plugins import HostDeps
 from services.engine.request import Request
 from services.engine.spec_decode import PROPOSERS
-from services.engine.spec_decode.base import NO_DRAFT, Draft, Proposer, TargetInfo
+from services.engine.spec_decode.base import NO_DRAFT, Draft, Proposer, SpeculativeOptions, TargetInfo
 
 
 @dataclass(frozen=True)
-class NgramOptions:
-    """``speculative: {method: ngram, ...}``."""
+class NgramOptions(SpeculativeOptions):
+    """``speculative: {method: ngram, ...}`` (and ``adaptive``, SpeculativeOptions)."""
 
     num_speculative_tokens: int = 3  # k: tokens proposed per step at most
     prompt_lookup_min: int = 2  # shortest suffix n-gram matched
