@@ -7,10 +7,10 @@
 
 Default: ``decay``, by measurement (hit rates, same slots, no prefetch; 2-core shared box):
 - recorded routing traces of tiny-qwen3-moe (8 experts, random weights: near-uniform routing;
-  ``python -m bench.moe --model tiny-qwen3-moe --fractions 0.25,0.5 --policies``):
+  ``tandem bench moe --model tiny-qwen3-moe --fractions 0.25,0.5 --policies``):
   2 slots: lru 0.241, lfu 0.246, decay 0.243, Belady 0.251; 4 slots: lru 0.498, lfu 0.508,
   decay 0.498, Belady 0.559. All within a point: random routers leave little to learn.
-- synthetic Zipf(1.1) traces over 16 experts, top-2 (``python -m bench.moe_policy_replay``),
+- synthetic Zipf(1.1) traces over 16 experts, top-2 (bench/moe_policy_replay.py),
   4 / 8 slots, one token per step: static hot set lru 0.466 / 0.716, lfu 0.565 / 0.787,
   decay 0.526 / 0.732 (Belady 0.639 / 0.851); hot set reshuffled every 200 steps: lru
   0.462 / 0.717, lfu 0.425 / 0.673, decay 0.519 / 0.730. Eight tokens per step, reshuffled:
