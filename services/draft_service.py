@@ -32,7 +32,6 @@ import torch
 
 from services.config import DraftWorkerConfig
 from services.engine.config import resolve_device
-from services.engine.gguf_file import is_gguf_path
 from services.engine.model_config import ModelConfig
 from services.engine.request import Request
 from services.engine.runner import kv_bytes_per_block
@@ -55,7 +54,7 @@ def target_info(config: DraftWorkerConfig) -> TargetInfo:
     read from the target's config and tokenizer only (its weights are not loaded here)."""
     target = config.target
     device, dtype = resolve_device(target)
-    mc = ModelConfig.from_gguf(target.model) if is_gguf_path(target.model) else ModelConfig.from_pretrained(target.model)
+    mc = ModelConfig.from_path(target.model)
     cache = target.cache
     num_blocks = cache.num_kv_blocks or max(1, cache.memory_bytes // kv_bytes_per_block(
         mc.num_layers, cache.block_size, mc.num_kv_heads, mc.head_dim, dtype))

@@ -17,7 +17,7 @@ from typing import Any
 
 from services.engine.checkpoint import CheckpointError
 from services.engine.gguf_checkpoint import gguf_config
-from services.engine.gguf_file import read_gguf
+from services.engine.gguf_file import is_gguf_path, read_gguf
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -85,6 +85,11 @@ class ModelConfig:
         raw = _read_json(path / "config.json", required=True)
         generation = _read_json(path / "generation_config.json", required=False)
         return cls.from_dict(raw, generation, source=str(path / "config.json"))
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> "ModelConfig":
+        """``from_gguf`` for a ``.gguf`` file, else ``from_pretrained`` of a checkpoint folder."""
+        return cls.from_gguf(path) if is_gguf_path(path) else cls.from_pretrained(path)
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> "ModelConfig":

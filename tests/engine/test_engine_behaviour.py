@@ -42,7 +42,7 @@ def test_prefix_reuse_computes_only_the_rest(path):
 
 def test_preemption_keeps_outputs_identical_and_frees_everything(path):
     # 6 requests x (40 prompt + 24 new) tokens need 6 x 8 blocks of 8; the pool has 20
-    llm = LLM(path, device="cpu", block_size=8, num_kv_blocks=20, max_num_batched_tokens=64)
+    llm = LLM(path, device="cpu", dtype="float32", block_size=8, num_kv_blocks=20, max_num_batched_tokens=64)
     batch = [rand_ids(40, seed=10 + i) for i in range(6)]
     outputs = llm.generate(batch, GREEDY)
     assert llm.engine.stats.num_preemptions > 0

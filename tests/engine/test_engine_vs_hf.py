@@ -31,7 +31,7 @@ def check_against_hf(path, batch, outputs):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batch_together_matches_transformers(arch, model_dir):
     path = model_dir(arch)
-    llm = LLM(path, device="cpu", max_num_batched_tokens=24, num_kv_blocks=64, block_size=8)
+    llm = LLM(path, device="cpu", dtype="float32", max_num_batched_tokens=24, num_kv_blocks=64, block_size=8)
     batch = prompts(llm.engine.model_config.vocab_size)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=1)
     outputs = llm.generate(batch, params)
@@ -43,7 +43,7 @@ def test_batch_together_matches_transformers(arch, model_dir):
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen3", "tiny-qwen2-moe"])
 def test_staggered_arrivals_match_transformers(arch, model_dir):
     path = model_dir(arch)
-    llm = LLM(path, device="cpu", max_num_batched_tokens=16, num_kv_blocks=64, block_size=8)
+    llm = LLM(path, device="cpu", dtype="float32", max_num_batched_tokens=16, num_kv_blocks=64, block_size=8)
     engine = llm.engine
     batch = prompts(engine.model_config.vocab_size, seed=1)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=1)

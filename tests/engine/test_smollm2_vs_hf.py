@@ -32,8 +32,9 @@ PLAIN = [
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(str(smollm2_path()), device="cpu", max_num_batched_tokens=32, num_kv_blocks=96, block_size=16,
-               enable_prefix_caching=False)
+    # token-exact is an fp32 property (dtype auto is bf16 on AVX512_BF16 CPUs: test_smollm2_bf16_vs_hf.py)
+    return LLM(str(smollm2_path()), device="cpu", dtype="float32", max_num_batched_tokens=32, num_kv_blocks=96,
+               block_size=16, enable_prefix_caching=False)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from router.app import parse_args
-from services.engine.config import CacheConfig, EngineConfig, resolve_device
+from services.engine.config import CacheConfig, EngineConfig, cpu_auto_dtype, resolve_device
+from services.engine.kernels.cpu_features import CpuFeatures, cpu_features
+from services.engine.model_config import ModelConfig
 from services.engine.config_parse import ConfigError
 from services.engine.llm import build_engine_config
 from services.engine.make_model import make_model
@@ -77,7 +79,7 @@ def test_per_role_override_keeps_the_base_and_names_its_own_path():
 def test_library_keywords_and_torch_dtypes():
     config = build_engine_config("m", device=None, dtype=torch.bfloat16, num_kv_blocks=16)
     assert config.device == "auto" and config.dtype == "bfloat16" and config.cache.num_kv_blocks == 16
-    assert resolve_device(EngineConfig("m", device="cpu"))[1] == torch.float32
+    assert resolve_device(EngineConfig("m", device="cpu", dtype="float32"))[1] == torch.float32
     with pytest.raises(ValueError, match="^block_size: must be a power of two"):
         build_engine_config("m", block_size=6)
 
@@ -105,3 +107,21 @@ def test_app_args_reach_each_role(model):
     assert pre.scheduler.enable_chunked_prefill is False and dec.scheduler.enable_chunked_prefill is False
     assert pre.scheduler.max_num_seqs == 16 and dec.scheduler.max_num_seqs == 128
     assert pre.model == dec.model == model and config.workers["decode"].kv_transfer.name == "ray"
+
+
+ZEN3 = CpuFeatures("test CPU", frozenset("avx fma avx2".split()), 2)
+ZEN4 = CpuFeatures("test CPU", ZEN3.flags | frozenset("avx512f avx512bw avx512vl avx512dq avx512_bf16".split()), 2)
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-moe"])
+def test_auto_dtype_on_cpu_is_bf16_for_dense_models_on_bf16_cpus(shape, tmp_path):
+    config = ModelConfig.from_path(make_model(shape, tmp_path / shape))
+    want = torch.float32 if config.is_moe else torch.bfloat16
+    assert cpu_auto_dtype(config, ZEN4) == want
+    assert cpu_auto_dtype(config, ZEN3) == torch.float32
+
+
+def test_resolve_device_reads_the_checkpoint_for_auto(model):
+    device, dtype = resolve_device(EngineConfig(model, device="cpu"))
+    assert device.type == "cpu" and dtype == cpu_auto_dtype(ModelConfig.from_path(model), cpu_features())
+    assert resolve_device(EngineConfig(model, device="cpu", dtype="bf16"))[1] == torch.bfloat16

@@ -168,6 +168,9 @@ class PagedAttention(nn.Module):
         if q_len == p.seq_len:  # no earlier context: the new K/V are the whole sequence
             keys = k_new[p.q_start:p.q_end].transpose(0, 1)  # [Hkv, S, D]
             values = v_new[p.q_start:p.q_end].transpose(0, 1)
+            if kv_cache.dtype != keys.dtype:  # as the cache holds them (fp32 activations, bf16 KV), so
+                # a recomputed, handed-off or later-chunked sequence attends to the same K/V values
+                keys, values = (t.to(kv_cache.dtype).to(t.dtype) for t in (keys, values))
         else:
             rows = block_rows(p.block_ids, self.num_kv_heads, kv_cache.shape[2])
             keys = gather_rows(kv_cache[0], rows)[:, :p.seq_len]
