@@ -262,6 +262,9 @@ class DraftReply:
     replica_id: str  # the replica that answered: the client's next calls go there (its KV is there)
     proposals: list[DraftProposal]  # one per DraftCall.sequences entry, in order
     traceparent: str = ""  # W3C trace context (unused)
+    # the answering replica's Ray actor as (namespace, name), for plain actor calls that skip the
+    # Serve handle (services/draft_direct.py); ("", "") = none (outside Serve)
+    actor: tuple[str, str] = ("", "")
 
 
 @dataclass
