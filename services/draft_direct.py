@@ -16,7 +16,8 @@ that replica dies or cannot be reached the client forgets it and goes back to th
 which routes to a live replica (and that answer names the new actor).
 
 Cost on the replica: a direct call runs on the replica actor's event loop and blocks it while
-its batch is drafted (the draft thread, so it is ordered with the handle calls' batches). Calls
+its call is drafted (right there, no hand-over to the draft thread; a lock orders it with the
+handle calls' batches, which run on the draft thread). Calls
 from several engines are drafted one after the other, not batched together; Serve's
 ongoing-request count does not see direct calls (the DraftWorker has no autoscaling config).
 """

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import threading
 import time
 
 import torch
@@ -47,8 +48,10 @@ class DraftWorker:
         torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
         self.service = DraftService.from_config(config, _replica_id())
         self.actor = _actor()  # (namespace, name) of this replica's Ray actor, named in every reply
-        # one thread runs every batch and release in order: DraftService is not thread-safe
+        # one thread runs the handle calls' batches and releases in order; a direct call drafts on
+        # the actor's thread. DraftService is not thread-safe: every use holds _service_lock
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tandem-draft")
+        self._service_lock = threading.Lock()
         self._pending: list[tuple[DraftCall, asyncio.Future]] = []
         self._draining = False
         self._batch_started: float | None = None
@@ -63,9 +66,10 @@ class DraftWorker:
         return await future
 
     def propose_now(self, call: DraftCall) -> DraftReply:
-        """``propose`` without the Serve handle (services/draft_direct.py): drafted on the draft
-        thread, in order with the batches of handle calls; blocks the caller until then."""
-        return self._executor.submit(self._timed_propose, [call]).result()[0]
+        """``propose`` without the Serve handle (services/draft_direct.py): drafted on the calling
+        thread (no hand-over), one at a time with the batches of handle calls."""
+        with self._service_lock:
+            return self._timed_propose([call])[0]
 
     async def release(self, release: DraftRelease, route: Route | None = None) -> None:
         await self._run(self.service.release, release.client_id, list(release.seq_ids))
@@ -110,7 +114,11 @@ class DraftWorker:
             self._batch_started = None
 
     async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._locked, fn, *args)
+
+    def _locked(self, fn, *args):
+        with self._service_lock:
+            return fn(*args)
 
 
 def _replica_id() -> str:
