@@ -174,6 +174,8 @@ def run(args: argparse.Namespace) -> dict:
                 if args.warmup:
                     closed_loop(engine, prompts[:args.warmup], args.warmup, params_for(engine, args.output_len))
             res["sets"][name] = [bench_level(engines, prompts, c, args) for c in args.levels]
+        if remote:
+            res["draft_worker"] = deployment.replica_stats()
     res["other_cpu_frac"] = mon.other_cpu_frac
     res["elapsed_s"] = mon.wall_s
     return res
@@ -222,6 +224,10 @@ def print_table(res: dict) -> None:
         print("  ".join(cells + line[len(widths):]))
         if k == 0:
             print("  ".join("-" * w for w in widths))
+    if res.get("draft_worker", {}).get("propose_ms_per_call") is not None:
+        dw = res["draft_worker"]
+        print(f"DraftWorker replica: {dw['calls']} calls, {dw['propose_ms_per_call']:.1f} ms per call drafting "
+              f"(the rest of a round trip is transport)")
     for name, levels in res["sets"].items():
         for lv in levels:
             f = lv["modes"]

@@ -51,6 +51,12 @@ class DraftDeployment:
                                 logging_config={"enable_access_log": False})
         return self
 
+    def replica_stats(self) -> dict:
+        """The replica's calls and mean time per call spent drafting there (all modes together)."""
+        s = self.handle.stats.remote().result(timeout_s=60)
+        return {"calls": s.num_calls, "propose_ms_per_call": s.propose_seconds / s.num_calls * 1e3 if s.num_calls
+                else None}
+
     def __exit__(self, *exc) -> None:
         from router import launcher
 
