@@ -2,13 +2,17 @@
 
     tandem bench spec --model smollm2 [--method ngram | --method draft_model --draft PATH]
                       [--concurrency 1,4,8,32] [--output-len 128] [--modes off,adaptive,always]
-                      [--rounds 2] [--json out.json]
+                      [--rounds 2] [--json out.json] [--draft-deployment]
 
 Engines (one per mode, built once, same model, dtype and KV pool; prefix caching off):
 - off: no ``speculative`` section;
 - adaptive: ``speculative: {method, num_speculative_tokens, adaptive: true}`` (the default: the
   policy of services/engine/spec_decode/policy.py proposes only where it measures a gain);
-- always: the same with ``adaptive: false`` (drafts at every step).
+- always: the same with ``adaptive: false`` (drafts at every step);
+- worker-adaptive / worker-always (``--draft-deployment``, draft_model only): the same draft in a
+  DraftWorker Serve deployment on a local Ray head (bench/spec_worker.py), plain actor calls;
+  handle-adaptive / handle-always (named in ``--modes``): every call through the Serve handle.
+  Their rows add the mean round trip of a DraftWorker call.
 
 Workload: the fixed prompt sets of bench/spec_prompts.py (``chat`` and ``grounded``), each
 rendered with the model's chat template; greedy, stopping at EOS / end of turn or at
@@ -30,16 +34,17 @@ so (``identical``). Every measurement records the share of CPUs other processes 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
 from pathlib import Path
 
-from bench import sysperf
+from bench import spec_worker, sysperf
 from bench.spec_prompts import PROMPT_SETS, render
 from bench.workload import DISTURBED, CpuMonitor, resolve_model
 
-MODES = ("off", "adaptive", "always")
+MODES = ("off", "adaptive", "always", "worker-adaptive", "worker-always", "handle-adaptive", "handle-always")
 
 
 def spec_section(args: argparse.Namespace, adaptive: bool) -> dict:
@@ -51,14 +56,22 @@ def spec_section(args: argparse.Namespace, adaptive: bool) -> dict:
     return section
 
 
-def make_engine(path: Path, args: argparse.Namespace, mode: str, num_kv_blocks: int):
-    from services.engine.engine import LLMEngine
+def engine_config(path: Path, args: argparse.Namespace, mode: str, num_kv_blocks: int):
     from services.engine.llm import build_engine_config
     options = dict(device="cpu", dtype=args.dtype, seed=0, block_size=16, num_kv_blocks=num_kv_blocks,
                    enable_prefix_caching=False, max_num_seqs=max(128, max(args.levels)))
     if mode != "off":
-        options["speculative_config"] = spec_section(args, adaptive=mode == "adaptive")
-    return LLMEngine(build_engine_config(str(path), **options))
+        section = spec_section(args, adaptive=mode.endswith("adaptive"))
+        if spec_worker.is_remote(mode):
+            section = spec_worker.remote_section(section, mode, args.draft_timeout)
+        options["speculative_config"] = section
+    return build_engine_config(str(path), **options)
+
+
+def make_engine(path: Path, args: argparse.Namespace, mode: str, num_kv_blocks: int, deployment=None):
+    from services.engine.engine import LLMEngine
+    config = engine_config(path, args, mode, num_kv_blocks)
+    return deployment.engine(config) if spec_worker.is_remote(mode) else LLMEngine(config)
 
 
 def params_for(engine, output_len: int):
@@ -88,8 +101,10 @@ def closed_loop(engine, prompts: list[list[int]], c: int, params) -> dict:
     after = engine.snapshot_stats()
     counts = {name: getattr(after, name) - getattr(before, name)
               for name in ("spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens", "num_steps")}
+    calls, rtt_ms = spec_worker.round_trip_ms(before.spec_remote, after.spec_remote)
     n_out = sum(len(ids) for ids in out.values())
     return {"wall_s": wall, "output_tokens": n_out, "out_tok_per_s": n_out / wall, **counts,
+            "draft_calls": calls, "draft_round_trip_ms": rtt_ms,
             "other_cpu_frac": mon.other_cpu_frac, "token_ids": [out[i] for i in range(len(prompts))]}
 
 
@@ -104,7 +119,14 @@ def summarize(rounds: list[dict]) -> dict:
             "acceptance_rate": accepted / tokens if tokens else None,
             "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
             "draft_share_of_output": accepted / total["output_tokens"] if total["output_tokens"] else None,
+            "draft_round_trip_ms": _mean_rtt(rounds),
             "other_cpu_frac": max(r["other_cpu_frac"] or 0.0 for r in rounds)}
+
+
+def _mean_rtt(rounds: list[dict]) -> float | None:
+    """Mean round trip of the rounds' answered DraftWorker calls (None: no remote draft)."""
+    calls = sum(r["draft_calls"] for r in rounds)
+    return sum(r["draft_calls"] * (r["draft_round_trip_ms"] or 0.0) for r in rounds) / calls if calls else None
 
 
 def bench_level(engines: dict, prompts: list[list[int]], c: int, args: argparse.Namespace) -> dict:
@@ -142,13 +164,18 @@ def run(args: argparse.Namespace) -> dict:
                         "rounds": args.rounds, "warmup": args.warmup, "prompt_tokens": {s: [len(p) for p in ps] for s, ps in sets.items()}},
            "env": sysperf.environment(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "sets": {}}
     blocks = kv_blocks_needed(sets, args)
-    with CpuMonitor() as mon:
-        engines = {mode: make_engine(path, args, mode, blocks) for mode in args.modes}
+    remote = [m for m in args.modes if spec_worker.is_remote(m)]
+    deployment = spec_worker.DraftDeployment(engine_config(path, args, remote[0], blocks), args.threads) \
+        if remote else contextlib.nullcontext()
+    with CpuMonitor() as mon, deployment:
+        engines = {mode: make_engine(path, args, mode, blocks, deployment) for mode in args.modes}
         for name, prompts in sets.items():
             for mode, engine in engines.items():  # warm-up: kernels, allocator, the policy's first estimates
                 if args.warmup:
                     closed_loop(engine, prompts[:args.warmup], args.warmup, params_for(engine, args.output_len))
             res["sets"][name] = [bench_level(engines, prompts, c, args) for c in args.levels]
+        if remote:
+            res["draft_worker"] = deployment.replica_stats()
     res["other_cpu_frac"] = mon.other_cpu_frac
     res["elapsed_s"] = mon.wall_s
     return res
@@ -177,7 +204,9 @@ def table_lines(res: dict) -> list[list[str]]:
             if "off" in modes:
                 row += [f"{f[m]['out_tok_per_s'] / f['off']['out_tok_per_s']:.2f}x" for m in spec]
             row += [f"{_fmt(f[m]['acceptance_rate'], 2)} / {_fmt(f[m]['mean_acceptance_length'], 3)} / "
-                    f"{_fmt(f[m]['draft_share_of_output'], 2)}" for m in spec]
+                    f"{_fmt(f[m]['draft_share_of_output'], 2)}"
+                    + (f" / rtt {f[m]['draft_round_trip_ms']:.1f} ms" if f[m].get("draft_round_trip_ms") else "")
+                    for m in spec]
             lines.append(row + ([] if lv["identical"] else ["OUTPUTS DIFFER"]))
     return lines
 
@@ -195,6 +224,20 @@ def print_table(res: dict) -> None:
         print("  ".join(cells + line[len(widths):]))
         if k == 0:
             print("  ".join("-" * w for w in widths))
+    if res.get("draft_worker", {}).get("propose_ms_per_call") is not None:
+        dw = res["draft_worker"]
+        print(f"DraftWorker replica: {dw['calls']} calls, {dw['propose_ms_per_call']:.1f} ms per call drafting "
+              f"(the rest of a round trip is transport)")
+    for name, levels in res["sets"].items():
+        for lv in levels:
+            f = lv["modes"]
+            for local in ("adaptive", "always"):
+                for remote in (f"worker-{local}", f"handle-{local}"):
+                    if {"off", local, remote} <= set(f):
+                        gain = f[local]["out_tok_per_s"] / f["off"]["out_tok_per_s"] - 1
+                        kept = (f[remote]["out_tok_per_s"] / f["off"]["out_tok_per_s"] - 1) / gain if gain > 0 else None
+                        print(f"{name} c={lv['concurrency']}: {remote} keeps "
+                              f"{'-' if kept is None else f'{kept:.0%}'} of {local}'s gain over off")
     identical = all(lv["identical"] for levels in res["sets"].values() for lv in levels)
     print("greedy outputs identical in every mode: " + ("yes" if identical else "NO"))
     print("acc rate = accepted / draft tokens; len = mean acceptance length (1 + accepted / drafts); "
@@ -224,18 +267,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="auto", help="the engine's dtype (auto: its default, float32 on CPU)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     ap.add_argument("--json", type=Path, help="write every raw figure here")
+    spec_worker.add_arguments(ap)
     args = ap.parse_args(argv)
     try:
         args.levels = [int(c) for c in args.concurrency.split(",")]
     except ValueError:
         ap.error(f"--concurrency: expected comma-separated integers, got {args.concurrency!r}")
     args.sets, args.modes = args.sets.split(","), args.modes.split(",")
+    args.modes = spec_worker.expand_modes(args.modes, args.draft_deployment)
     if min(args.levels) < 1:
         ap.error("--concurrency: every level must be >= 1")
     if set(args.sets) - set(PROMPT_SETS) or set(args.modes) - set(MODES) or not args.modes:
         ap.error(f"--sets must name {sorted(PROMPT_SETS)}, --modes {list(MODES)}")
     if (args.method == "draft_model") != bool(args.draft):
         ap.error("--draft PATH goes with --method draft_model (and only with it)")
+    if any(spec_worker.is_remote(m) for m in args.modes) and args.method != "draft_model":
+        ap.error("--draft-deployment (worker-* / handle-* modes) needs --method draft_model")
+    if not 0 < args.draft_timeout <= 60:
+        ap.error("--draft-timeout must be in (0, 60] seconds")
     if args.output_len < 1 or args.rounds < 1 or args.requests < 1 or args.k < 1 or (args.threads or 1) < 1:
         ap.error("--output-len, --rounds, --requests, --k and --threads must be >= 1")
     args.warmup = max(args.levels) if args.warmup is None else args.warmup

@@ -93,6 +93,7 @@ class DraftService:
         """Apply every call's releases and deltas, then draft for all their sequences at once
         (one batched ``Proposer.propose``); one reply per call. A call past its ``deadline``
         (``now``: time.time()) keeps its contexts and gets no tokens."""
+        t0 = time.perf_counter()
         now = time.time() if now is None else now
         self._sweep()
         asks: list[Request] = []
@@ -115,8 +116,10 @@ class DraftService:
                 mirror.generator.manual_seed(draft_seed(mirror.params.seed, len(mirror.output_token_ids)))
         drafts = dict(zip((m.request_id for m in asks), self.proposer.propose(asks, limits))) if asks else {}
         self.stats.num_calls += len(calls)
-        return [DraftReply(self.replica_id, [self._proposal(sid, m, drafts) for sid, m, _ in entries])
-                for entries in known]
+        replies = [DraftReply(self.replica_id, [self._proposal(sid, m, drafts) for sid, m, _ in entries])
+                   for entries in known]
+        self.stats.propose_seconds += time.perf_counter() - t0
+        return replies
 
     def release(self, client_id: str, seq_ids: Sequence[str]) -> None:
         """Forget these sequences of ``client_id`` (their KV is freed); unknown ids are ignored."""

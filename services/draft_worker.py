@@ -8,7 +8,9 @@ engines' proposers (services/draft_client.py) call it once per engine step.
   deltas, draft up to k tokens per sequence (services/draft_service.py, which runs the engine's
   ``DraftModelProposer``). Calls that arrive while a batch runs are drafted together in the next
   batch (one batched forward per draft position for all of them), on one thread, so the
-  replica's event loop never waits for the model.
+  replica's event loop never waits for the model. Each reply names this replica's Ray actor.
+- ``propose_now(call)``: the same for one call, blocking; what a plain actor call from a client
+  runs (services/draft_direct.py: the cheap path that skips the Serve handle).
 - ``release(DraftRelease, route=None)``: free finished sequences (batched by the clients).
 - sequences that no call mentions for ``session_ttl_s`` (their engine died) are freed.
 - ``stats() -> DraftWorkerStats``; ``check_health``: the batch thread must not be stuck.
@@ -22,9 +24,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import threading
 import time
 
 import torch
+import ray
 from ray import serve
 
 from services.config import DraftWorkerConfig
@@ -43,8 +47,11 @@ class DraftWorker:
         self.config = config
         torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
         self.service = DraftService.from_config(config, _replica_id())
-        # one thread runs every batch and release in order: DraftService is not thread-safe
+        self.actor = _actor()  # (namespace, name) of this replica's Ray actor, named in every reply
+        # one thread runs the handle calls' batches and releases in order; a direct call drafts on
+        # the actor's thread. DraftService is not thread-safe: every use holds _service_lock
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tandem-draft")
+        self._service_lock = threading.Lock()
         self._pending: list[tuple[DraftCall, asyncio.Future]] = []
         self._draining = False
         self._batch_started: float | None = None
@@ -57,6 +64,12 @@ class DraftWorker:
             self._draining = True
             asyncio.create_task(self._drain())
         return await future
+
+    def propose_now(self, call: DraftCall) -> DraftReply:
+        """``propose`` without the Serve handle (services/draft_direct.py): drafted on the calling
+        thread (no hand-over), one at a time with the batches of handle calls."""
+        with self._service_lock:
+            return self._timed_propose([call])[0]
 
     async def release(self, release: DraftRelease, route: Route | None = None) -> None:
         await self._run(self.service.release, release.client_id, list(release.seq_ids))
@@ -93,12 +106,19 @@ class DraftWorker:
     def _timed_propose(self, calls: list[DraftCall]) -> list[DraftReply]:
         self._batch_started = time.monotonic()
         try:
-            return self.service.propose(calls)
+            replies = self.service.propose(calls)
+            for reply in replies:
+                reply.actor = self.actor
+            return replies
         finally:
             self._batch_started = None
 
     async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._locked, fn, *args)
+
+    def _locked(self, fn, *args):
+        with self._service_lock:
+            return fn(*args)
 
 
 def _replica_id() -> str:
@@ -106,6 +126,14 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:
         return ""
+
+
+def _actor() -> tuple[str, str]:
+    try:
+        ctx = ray.get_runtime_context()
+        return ctx.namespace or "", ctx.get_actor_name() or ""
+    except Exception:
+        return "", ""
 
 
 DraftWorkerDeployment = serve.deployment(DraftWorker, name="DraftWorker", max_ongoing_requests=1024,

@@ -262,6 +262,9 @@ class DraftReply:
     replica_id: str  # the replica that answered: the client's next calls go there (its KV is there)
     proposals: list[DraftProposal]  # one per DraftCall.sequences entry, in order
     traceparent: str = ""  # W3C trace context (unused)
+    # the answering replica's Ray actor as (namespace, name), for plain actor calls that skip the
+    # Serve handle (services/draft_direct.py); ("", "") = none (outside Serve)
+    actor: tuple[str, str] = ("", "")
 
 
 @dataclass
@@ -287,4 +290,5 @@ class DraftWorkerStats:
     num_late_calls: int = 0  # calls that arrived past their deadline (contexts kept, nothing proposed)
     num_resyncs: int = 0  # sequences answered num_known=0 (unknown here, or a delta that did not fit)
     num_expired: int = 0  # sequences dropped by the TTL (their engine went away without releasing them)
+    propose_seconds: float = 0.0  # summed time spent applying deltas and drafting (the rest of a round trip is transport)
     traceparent: str = ""  # W3C trace context of the call that asked

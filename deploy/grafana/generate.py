@@ -180,6 +180,19 @@ def spec_rows(d: Layout) -> None:
     d.add("Share of output from drafts", [(f"{accepted} / {rate('tandem_generation_tokens_total')}", "from drafts")],
           "percentunit", width=6, defaults={"max": 1, "min": 0},
           description="Accepted draft tokens / generated tokens (the rest cost one target step each).")
+    calls = rate("tandem_spec_decode_draft_worker_calls_total")
+    d.add("DraftWorker calls / s and failures by reason",
+          [(calls, "calls"), (rate("tandem_spec_decode_draft_worker_failures_total", by="reason"), "failed: {{reason}}")],
+          "reqps", width=8, description="Engine calls to the DraftWorker deployment (one per step that asked for "
+          "drafts) and those that got none: timeout, unavailable (replica dead or unreachable), error.")
+    d.add("DraftWorker round trip (mean)", [(f"{rate('tandem_spec_decode_draft_worker_call_seconds_total')} / {calls}",
+                                             "answered calls")], "s", width=8,
+          description="Call to answer of the answered DraftWorker calls, as the engine waits for them.")
+    d.add("Steps without drafts because of the DraftWorker",
+          [(f"{rate('tandem_spec_decode_draft_worker_steps_without_drafts_total')} / {calls}", "per call")],
+          "percentunit", width=8, defaults={"min": 0},
+          description="Steps that wanted drafts and ran without speculation (a failed call or the pause after one) "
+          "/ DraftWorker calls.")
 
 
 def expert_rows(d: Layout) -> None:

@@ -22,6 +22,7 @@ from services.engine.outputs import TokenChunk
 from services.engine.plugins import HostDeps
 from services.engine.request import Request
 from services.engine.sampling_params import SamplingParams
+from services.engine.spec_decode.base import RemoteProposerStats
 from services.engine.spec_decode.policy import Ask, DraftOutcome, StepCost
 from services.engine.tokenizer import Detokenizer
 
@@ -45,6 +46,7 @@ class EngineStats:
     spec_num_draft_tokens: int = 0  # draft tokens verified
     spec_num_accepted_tokens: int = 0  # of those, accepted (bonus and correction tokens not counted)
     spec_num_accepted_per_pos: list[int] = field(default_factory=list)  # accepted drafts by position 0..k-1
+    spec_remote: RemoteProposerStats | None = None  # a DraftWorker proposer's calls (None: drafts in this process)
     # MoE expert backends that keep counters (offload): one per MoE layer (tandem_expert_*)
     experts: list[ExpertLayerStats] = field(default_factory=list)
 
@@ -398,7 +400,8 @@ class LLMEngine:
         s.num_running, s.num_waiting = self.scheduler.num_running, self.scheduler.num_waiting
         s.kv_blocks_free = self.kv.num_free_blocks
         return EngineStats(**{**vars(s), "spec_num_accepted_per_pos": list(s.spec_num_accepted_per_pos),
-                              "experts": expert_stats(self.model)})
+                              "experts": expert_stats(self.model),
+                              "spec_remote": self.proposer.remote_stats() if self.proposer is not None else None})
 
     def cached_block_hashes(self, limit: int) -> list[bytes]:
         """Hashes of the newest ``limit`` full blocks in the local prefix cache, oldest first

@@ -74,6 +74,10 @@ CONTRACT: dict[str, str] = {
     "tandem_spec_decode_num_draft_tokens_total": "counter",
     "tandem_spec_decode_num_accepted_tokens_total": "counter",
     "tandem_spec_decode_num_accepted_tokens_per_pos_total": "counter",
+    "tandem_spec_decode_draft_worker_calls_total": "counter",
+    "tandem_spec_decode_draft_worker_failures_total": "counter",
+    "tandem_spec_decode_draft_worker_steps_without_drafts_total": "counter",
+    "tandem_spec_decode_draft_worker_call_seconds_total": "counter",
     # MoE expert backends with a cache (offload), per layer and backend
     "tandem_expert_cache_hits_total": "counter",
     "tandem_expert_cache_misses_total": "counter",
@@ -200,6 +204,34 @@ def _spec_decode_counters(ids: list[str], s: Any) -> Iterable:
     for pos, n in enumerate(getattr(s, "spec_num_accepted_per_pos", None) or (0,)):
         per_pos.add_metric(ids + [str(pos)], float(n))
     yield per_pos
+    yield from _draft_worker_counters(ids, getattr(s, "spec_remote", None))
+
+
+DRAFT_WORKER_FAILURES = (("timeout", "num_timeouts"), ("unavailable", "num_unavailable"), ("error", "num_errors"))
+
+
+def _draft_worker_counters(ids: list[str], r: Any) -> Iterable:
+    """The engine's calls to its DraftWorker deployment (``RemoteProposerStats``); families with no
+    series when the drafts are made in this process."""
+    for name, doc, value in (
+            ("tandem_spec_decode_draft_worker_calls", "Calls to the DraftWorker deployment (one per engine step "
+             "that asked for drafts)", lambda: _get(r, "num_calls")),
+            ("tandem_spec_decode_draft_worker_steps_without_drafts", "Engine steps that wanted drafts and ran "
+             "without them because of the DraftWorker (a failed call, or the pause after one)",
+             lambda: _get(r, "num_steps_without_drafts")),
+            ("tandem_spec_decode_draft_worker_call_seconds", "Summed round trip of the answered DraftWorker calls "
+             "(divide its rate by the calls' for the mean)", lambda: _get(r, "call_seconds"))):
+        c = CounterMetricFamily(name, doc, labels=LABELS)
+        if r is not None:
+            c.add_metric(ids, value())
+        yield c
+    failures = CounterMetricFamily("tandem_spec_decode_draft_worker_failures", "DraftWorker calls that got no "
+                                   "drafts, by reason: timeout (no answer in deployment_timeout_s), unavailable (the "
+                                   "replica is dead or unreachable), error (anything else, a malformed answer "
+                                   "included); the step ran without speculation", labels=LABELS + ("reason",))
+    for reason, field_name in DRAFT_WORKER_FAILURES if r is not None else ():
+        failures.add_metric(ids + [reason], _get(r, field_name))
+    yield failures
 
 
 _EXPERT_COUNTERS = (

@@ -51,6 +51,25 @@ class Draft:
 NO_DRAFT = Draft([])
 
 
+@dataclass
+class RemoteProposerStats:
+    """Counters of a proposer whose drafts come from another process (a DraftWorker deployment:
+    services/draft_client.py), since it was built (``tandem_spec_decode_draft_worker_*``)."""
+
+    num_calls: int = 0  # calls made (one per engine step that asked for drafts)
+    num_timeouts: int = 0  # of those, not answered within the timeout (that step had no drafts)
+    num_errors: int = 0  # of those, failed with an error or a malformed answer (no drafts)
+    num_unavailable: int = 0  # of those, failed because the replica was dead or unreachable (no drafts)
+    num_skipped_steps: int = 0  # steps run without asking at all (the pause after a failure)
+    call_seconds: float = 0.0  # summed round trip of the answered calls
+    num_direct_calls: int = 0  # answered calls that went as plain actor calls (not through the Serve handle)
+
+    @property
+    def num_steps_without_drafts(self) -> int:
+        """Steps that wanted drafts and ran without them because of the remote side."""
+        return self.num_timeouts + self.num_errors + self.num_unavailable + self.num_skipped_steps
+
+
 @dataclass(frozen=True)
 class SpeculativeOptions:
     """Options of every method (the ``speculative`` section's common keys); each method's
@@ -77,3 +96,7 @@ class Proposer(abc.ABC):
 
     def release(self, request_id: str) -> None:
         """Forget a request that finished or was aborted (free what is held for it)."""
+
+    def remote_stats(self) -> RemoteProposerStats | None:
+        """A copy of the remote side's counters, or None for a proposer in this process."""
+        return None
