@@ -1,10 +1,10 @@
 """Remote MoE experts over gRPC on a multi-node Ray cluster (one machine, ``ray.cluster_utils.Cluster``):
 deploy/moe.yaml (router, prefill and decode on the head; ExpertWorker0 and ExpertWorker1 pinned by
-resources to two other nodes) serving a tiny Mixtral. Greedy outputs are identical to the
+resources to two other nodes) serving a tiny Mixtral (shard call timeout 2 s). Greedy outputs are identical to the
 in-process engine with every expert local; each shard holds only its half of the experts and
 served calls; the decode worker's /metrics has the per-shard call latency histogram. Then one
 shard's replica is SIGKILLed (its PID) mid-stream: every stream fails with UNAVAILABLE within
-10 s of the kill (measured), and once Serve has replaced the replica a new request completes
+10 s of the kill (measured; the timeout bounds it), and once Serve has replaced the replica a new request completes
 identically."""
 
 from __future__ import annotations
@@ -30,8 +30,13 @@ from tests.integration.kills import replica_actors, streams_with_a_kill, wait_re
 GREEDY = dict(temperature=0, ignore_eos=True)
 PROMPTS = [[5, 6, 7, 8, 9, 5, 6, 7], [30 + i for i in range(40)], [11, 300, 12, 301, 13], [42] * 20]
 MAX_TOKENS = 24
-KILL_TOKENS = 400  # long enough that every stream is mid-way when the shard dies
+KILL_TOKENS = 1500  # long enough that every stream is mid-way when the shard dies
 NODES = {"ExpertWorker0": "experts_a", "ExpertWorker1": "experts_b"}
+# moe.yaml's section with a call timeout shorter than a replacement replica takes to start here
+# (Ray worker + torch import + shard load: 3-10 s), so that the kill below fails its streams: with a
+# longer timeout a replacement that is up in time answers the waiting calls (a stall, no error)
+CALL_TIMEOUT_S = 2.0
+EXPERTS = {"backend": "remote", "deployment": "ExpertWorker", "num_shards": 2, "call_timeout_s": CALL_TIMEOUT_S}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +65,7 @@ def address(moe_model):
     on_head = {"ray_actor_options": {"num_cpus": 0.5, "resources": {"head": 0.1}}}
     pin.update({"Router": {"num_replicas": 1, **on_head}, "PrefillWorker": on_head, "DecodeWorker": on_head})
     config = launcher.load_config(DEPLOY / "moe.yaml", model=moe_model, port=free_port(),
-                                  overrides={"engine": TINY_ENGINE}, deployments=pin)
+                                  overrides={"engine": {**TINY_ENGINE, "experts": EXPERTS}}, deployments=pin)
     config["applications"][0]["logging_config"] = {"enable_access_log": False}
     try:
         yield launcher.deploy(config)
@@ -115,20 +120,25 @@ def test_shards_on_other_nodes_give_the_local_outputs(address, oracle):
         assert metric(m, "tandem_expert_remote_call_failures_total") == 0
 
 
-def kill_shard() -> tuple[str, float]:
-    """SIGKILL ExpertWorker1's replica process; (its actor name, monotonic time of the kill)."""
-    victim, actor = actor_of("ExpertWorker1")
+def shard_killer(deployment: str):
+    """kill(): SIGKILL the replica process of ``deployment`` (its PID asked now, before the streams);
+    returns (its actor name, monotonic time of the kill)."""
+    victim, actor = actor_of(deployment)
     pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
     assert pid != os.getpid()
-    os.kill(pid, signal.SIGKILL)
-    return victim["name"], time.monotonic()
+
+    def kill() -> tuple[str, float]:
+        os.kill(pid, signal.SIGKILL)
+        return victim["name"], time.monotonic()
+
+    return kill
 
 
 @pytest.mark.timeout(420)
 def test_a_shard_killed_mid_stream_fails_its_requests_fast_then_service_resumes(address, oracle):
     prompts = [[3 + i, 40 + 7 * i, 5, 6 + i % 5] for i in range(4)]
     records, _, (victim, killed_at), migrations = streams_with_a_kill(
-        address, greedy(prompts, KILL_TOKENS), [()] * len(prompts), kill_shard)
+        address, greedy(prompts, KILL_TOKENS), [()] * len(prompts), shard_killer("ExpertWorker1"))
     waits = []
     for rec in records:
         assert rec.error is not None, f"a stream finished although a shard died ({rec.num_tokens} tokens)"
