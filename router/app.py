@@ -32,11 +32,17 @@
                                 #   engine's speculative section is {method: draft_model, model: PATH,
                                 #   deployment: NAME}: NAME is the deployment (spec.yaml: DraftWorker)
 
+    expert_worker: {torch_threads: N}
+                                # ExpertWorker shards (services/expert_worker.py), deployed when an
+                                #   engine's experts section is {backend: remote, deployment: NAME,
+                                #   num_shards: N}: deployments NAME0 .. NAME{N-1} (moe.yaml: ExpertWorker0, 1)
+
 Speculative decoding is for the roles that decode: a ``speculative`` section in ``engine`` does
 not reach PrefillWorker (it samples one token per request and would never propose).
 
 Replica counts, autoscaling and resources are per deployment in the YAML's ``deployments``
-section (names: Router, UnifiedWorker, PrefillWorker, DecodeWorker, and each DraftWorker's NAME).
+section (names: Router, UnifiedWorker, PrefillWorker, DecodeWorker, each DraftWorker's NAME and each
+ExpertWorker shard's NAME{s}).
 """
 
 from __future__ import annotations
@@ -48,8 +54,12 @@ from pathlib import Path
 from router.migration import MigrationConfig
 from router.replica_router import request_router_config
 from router.server import Router, RouterConfig
-from services.config import DraftWorkerConfig, WorkerConfig
+from services.config import DraftWorkerConfig, ExpertWorkerConfig, WorkerConfig
 from services.draft_worker import DraftWorkerDeployment
+from services.engine.gguf_file import is_gguf_path
+from services.engine.model.expert_backends.remote import shard_names, shard_ranges
+from services.engine.model_config import ModelConfig
+from services.expert_worker import ExpertWorkerDeployment
 from services.engine.config import EngineConfig
 from services.engine.config_parse import ConfigError, join
 from services.engine.model_catalog import check_model_path, resolve_model
@@ -62,8 +72,9 @@ _ROUTER_KEYS = ("max_inflight_requests", "max_prompt_bytes", "max_message_bytes"
                 "max_prompt_token_ids", "max_messages", "max_stop_strings", "max_stop_chars", "max_stop_token_ids",
                 "grace_s", "prefix_routing", "max_migrations")
 _KEYS = ("mode", "model", "model_id", "host", "port", "kv_transfer", "engine", "prefill_engine", "decode_engine",
-         "router", "torch_threads", "prefix_store", "draft_worker")
+         "router", "torch_threads", "prefix_store", "draft_worker", "expert_worker")
 _DRAFT_KEYS = ("session_ttl_s", "torch_threads")
+_EXPERT_KEYS = ("torch_threads",)
 _WORKER_NAMES = ("Router", "UnifiedWorker", "PrefillWorker", "DecodeWorker")
 
 
@@ -75,6 +86,7 @@ class AppConfig:
     router: RouterConfig
     workers: dict[str, WorkerConfig]  # role -> config
     drafts: dict[str, DraftWorkerConfig] = field(default_factory=dict)  # DraftWorker deployment name -> config
+    experts: dict[str, ExpertWorkerConfig] = field(default_factory=dict)  # ExpertWorker shard deployment -> config
 
 
 def parse_args(args: dict | None, path: str = "args") -> AppConfig:
@@ -101,7 +113,8 @@ def parse_args(args: dict | None, path: str = "args") -> AppConfig:
     if mode == "unified":
         workers = {"unified": WorkerConfig("unified", model_id, engine, torch_threads=threads["unified"],
                                            prefix_store=store)}
-        return AppConfig(mode, router, workers, _draft_workers(workers, args.get("draft_worker"), path))
+        return AppConfig(mode, router, workers, _draft_workers(workers, args.get("draft_worker"), path),
+                         _expert_workers(workers, args.get("expert_worker"), path))
     transfer = KV_TRANSFERS.parse(args.get("kv_transfer", "ray"), join(path, "kv_transfer"))
     workers = {}
     for role in ("prefill", "decode"):
@@ -113,7 +126,38 @@ def parse_args(args: dict | None, path: str = "args") -> AppConfig:
                                      prefix_store=store if role == "prefill" else None)
     if workers["prefill"].engine.cache.block_size != workers["decode"].engine.cache.block_size:
         raise ConfigError(path, "prefill_engine.block_size and decode_engine.block_size must be equal")
-    return AppConfig(mode, router, workers, _draft_workers(workers, args.get("draft_worker"), path))
+    return AppConfig(mode, router, workers, _draft_workers(workers, args.get("draft_worker"), path),
+                     _expert_workers(workers, args.get("expert_worker"), path))
+
+
+def _expert_workers(workers: dict[str, WorkerConfig], options, path: str) -> dict[str, ExpertWorkerConfig]:
+    """The ExpertWorker shard deployments the workers' ``experts: remote`` sections name. Roles
+    that name the same deployment must agree on what it holds (model, device, dtype, shards)."""
+    options = dict(options or {})
+    bad = sorted(set(options) - set(_EXPERT_KEYS))
+    if bad:
+        raise ConfigError(join(path, "expert_worker"), f"unknown key(s) {bad}; known: {list(_EXPERT_KEYS)}")
+    shards: dict[str, ExpertWorkerConfig] = {}
+    for role, worker in workers.items():
+        experts = worker.engine.experts
+        if experts.name != "remote":
+            continue
+        where = join(path, f"{role}_engine" if role != "unified" else "engine")
+        _check_shardable(worker.engine, join(where, "experts"))
+        for s, name in enumerate(shard_names(experts.options)):
+            if name in _WORKER_NAMES:
+                raise ConfigError(join(where, "experts.deployment"), f"{name!r} is a worker deployment's name")
+            try:
+                config = ExpertWorkerConfig(name, s, worker.engine, **options)
+            except ConfigError as exc:
+                raise exc.under(join(path, "expert_worker")) from None
+            seen = shards.setdefault(name, config)
+            e = worker.engine
+            if (seen.target.model, seen.target.device, seen.target.dtype, seen.options) != \
+                    (e.model, e.device, e.dtype, experts.options):
+                raise ConfigError(join(where, "experts"), f"shard deployment {name!r} is named by roles whose "
+                                                          f"model, device, dtype or experts options differ")
+    return shards
 
 
 def _draft_workers(workers: dict[str, WorkerConfig], options, path: str) -> dict[str, DraftWorkerConfig]:
@@ -143,6 +187,19 @@ def _draft_workers(workers: dict[str, WorkerConfig], options, path: str) -> dict
         except ConfigError as exc:
             raise exc.under(join(path, "draft_worker")) from None
     return drafts
+
+
+def _check_shardable(engine: EngineConfig, where: str) -> None:
+    """A remote experts section needs a MoE safetensors checkpoint with at least one expert per shard."""
+    if is_gguf_path(engine.model):
+        raise ConfigError(join(where, "backend"), "remote experts need a safetensors checkpoint folder, not .gguf")
+    mc = ModelConfig.from_pretrained(engine.model)
+    if not mc.is_moe:
+        raise ConfigError(join(where, "backend"), f"remote experts need a MoE model; {engine.model} is dense")
+    try:
+        shard_ranges(mc.num_experts, engine.experts.options.num_shards)
+    except ValueError as exc:
+        raise ConfigError(join(where, "num_shards"), str(exc).split(": ", 1)[1]) from None
 
 
 def _router_config(args: dict, model: str, path: str) -> RouterConfig:
@@ -183,11 +240,18 @@ def build_app(args: dict | None = None):
     drafts = {name: DraftWorkerDeployment.options(name=name, request_router_config=routed).bind(draft)
               for name, draft in config.drafts.items()}
 
+    # each shard is a deployment of its own (its replicas are interchangeable: Serve's default routing)
+    shards = {name: ExpertWorkerDeployment.options(name=name).bind(shard) for name, shard in config.experts.items()}
+
     def worker(deployment, role: str):
-        spec = config.workers[role].engine.speculative
+        engine = config.workers[role].engine
+        spec = engine.speculative
         name = spec.options.deployment if spec is not None and spec.name == "draft_model" else ""
         uses = {name: drafts[name]} if name else {}
-        return deployment.options(request_router_config=routed).bind(config.workers[role], drafts=uses)
+        experts = {n: shards[n] for n in shard_names(engine.experts.options)} if engine.experts.name == "remote" \
+            else {}
+        return deployment.options(request_router_config=routed).bind(config.workers[role], drafts=uses,
+                                                                    experts=experts)
 
     if config.mode == "unified":
         return Router.bind(config.router, unified=worker(UnifiedWorker, "unified"))

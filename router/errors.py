@@ -14,6 +14,7 @@ import logging
 from ray import exceptions as ray_exc
 from ray.serve import exceptions as serve_exc
 
+from services.engine.model.experts import ExpertsUnavailableError
 from services.engine.scheduler import EngineOverloadedError
 from services.types import KVTransferError, PrefillFailedError
 
@@ -92,7 +93,7 @@ def _first_line(exc: BaseException) -> str:
 
 _UNAVAILABLE = (ray_exc.RayActorError, ray_exc.WorkerCrashedError, ray_exc.NodeDiedError,
                 ray_exc.ObjectLostError, ray_exc.LocalRayletDiedError, serve_exc.DeploymentUnavailableError,
-                KVTransferError, ConnectionError)
+                KVTransferError, ConnectionError, ExpertsUnavailableError)
 _CANCELLED = (serve_exc.RequestCancelledError, asyncio.CancelledError, ray_exc.TaskCancelledError)
 
 

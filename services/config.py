@@ -65,3 +65,35 @@ class DraftWorkerConfig:
     def draft(self):
         """The ``DraftModelOptions`` of the target's speculative section (model, k, KV pool)."""
         return self.target.speculative.options
+
+
+@dataclass(frozen=True)
+class ExpertWorkerConfig:
+    """Everything one ExpertWorker replica needs (services/expert_worker.py): shard ``shard`` of
+    the remote experts of ``target`` (an engine whose ``experts`` section is ``remote``), run on
+    the target's device and dtype, as they would run in its process."""
+
+    name: str  # the deployment's name (shard_names(target.experts.options)[shard])
+    shard: int  # shard index: experts shard_ranges(E, num_shards)[shard] of every MoE layer
+    target: EngineConfig  # the engine whose experts these are (its model path, device, dtype)
+    torch_threads: int | None = None  # intra-op threads; None = every core of the node
+
+    def __post_init__(self) -> None:
+        from services.engine.model.expert_backends.remote import shard_names
+
+        experts = self.target.experts
+        if experts.name != "remote":
+            raise ConfigError("experts.backend", f"the target's experts section must be remote, got {experts.name!r}")
+        names = shard_names(experts.options)
+        if isinstance(self.shard, bool) or not isinstance(self.shard, int) or not 0 <= self.shard < len(names):
+            raise ConfigError("shard", f"must be a shard index in [0, {len(names)}), got {self.shard!r}")
+        if self.name != names[self.shard]:
+            raise ConfigError("name", f"shard {self.shard} is deployment {names[self.shard]!r}, got {self.name!r}")
+        if self.torch_threads is not None and (isinstance(self.torch_threads, bool)
+                                               or not isinstance(self.torch_threads, int) or self.torch_threads < 1):
+            raise ConfigError("torch_threads", f"must be a positive integer, got {self.torch_threads!r}")
+
+    @property
+    def options(self):
+        """The ``RemoteOptions`` of the target's experts section (deployment, shards, timeout)."""
+        return self.target.experts.options

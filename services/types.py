@@ -6,6 +6,7 @@ Seams (DESIGN.md "Seams"):
     router --GenerateCall--> prefill worker --PrefillResult (first token + KVHandle)--> router
     router --DecodeCall (KVHandle)--> decode worker --StreamChunk...--> router
     engine (decode / unified worker) --DraftCall--> DraftWorker --DraftReply--> engine  (one per engine step)
+    engine MoE layer --ExpertCall--> ExpertWorker shard --ExpertReply--> engine  (one per shard, layer and step)
 
 Tensors never pass through the router: a ``KVHandle`` names the KV blocks inside the
 transfer backend (an object-store reference for the Ray backend), the decode worker
@@ -291,4 +292,45 @@ class DraftWorkerStats:
     num_resyncs: int = 0  # sequences answered num_known=0 (unknown here, or a delta that did not fit)
     num_expired: int = 0  # sequences dropped by the TTL (their engine went away without releasing them)
     propose_seconds: float = 0.0  # summed time spent applying deltas and drafting (the rest of a round trip is transport)
+    traceparent: str = ""  # W3C trace context of the call that asked
+
+
+# ---- engine (MoE layer) <-> ExpertWorker shard (services/expert_worker.py) -------------------
+# One call per shard per MoE layer per engine step. Rows travel as raw numpy arrays (Ray moves
+# them through the object store without a pickled copy); bfloat16 rows as their bits (uint16).
+@dataclass
+class ExpertCall:
+    """One MoE layer's rows for one shard in one engine step (engine -> ExpertWorker ``run``)."""
+
+    layer: int  # decoder layer index (a MoE layer)
+    experts: list[int]  # the shard's experts that got rows this step, ascending
+    counts: list[int]  # rows of each of them (>= 1), in that order
+    hidden: np.ndarray  # [sum(counts), D] the rows grouped by expert; float32/float16, or bfloat16 bits as uint16
+    dtype: str  # "float32" | "float16" | "bfloat16": what hidden's elements are (the engine's compute dtype)
+    traceparent: str = ""  # W3C trace context ("": a step mixes requests)
+
+
+@dataclass
+class ExpertReply:
+    """A shard's answer to one ``ExpertCall``."""
+
+    output: np.ndarray  # [sum(counts), D] expert outputs of the rows, same row order and dtype encoding
+    replica_id: str  # the replica that answered
+    compute_s: float = 0.0  # seconds the shard spent computing (the rest of the call is transport)
+    traceparent: str = ""  # W3C trace context (unused)
+
+
+@dataclass
+class ExpertWorkerStats:
+    """What one ExpertWorker replica holds and did (admin/debug call, tests)."""
+
+    replica_id: str  # Serve replica id ("" outside Serve)
+    shard: int  # shard index
+    first_expert: int  # the shard's experts are [first_expert, last_expert) of every MoE layer
+    last_expert: int  # one past the last
+    num_layers: int  # MoE layers held
+    weight_bytes: int  # expert weight bytes held
+    num_calls: int = 0  # run calls answered
+    num_rows: int = 0  # token rows computed (a token routed to two of its experts counts twice)
+    pid: int = 0  # the replica's process id
     traceparent: str = ""  # W3C trace context of the call that asked

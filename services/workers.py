@@ -28,7 +28,9 @@ from ray import serve
 from services import kv_transfer
 from services.config import WorkerConfig
 from services.draft_client import remote_proposers
+from services.expert_client import ExpertCallLog, remote_expert_shards
 from services.engine.gc_tuning import freeze_startup_objects
+from services.engine.model.experts import ExpertsUnavailableError
 from services.engine.plugins import HostDeps
 from services.engine.scheduler import EngineOverloadedError
 from services.routing_report import routing_stats
@@ -56,14 +58,18 @@ async def _until(deadline: float | None):
 class EngineWorker:
     """One engine replica (see module docstring for the roles)."""
 
-    def __init__(self, config: WorkerConfig, drafts: dict | None = None):
+    def __init__(self, config: WorkerConfig, drafts: dict | None = None, experts: dict | None = None):
         bind_replica_grpc_to_node_ip()  # Serve's in-replica gRPC server: node IP, not all interfaces
         self.config = config
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1): torch would use one core only.
         torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
         # what the engine's variants need from other deployments: DraftWorker handles by name
         # (``drafts``, bound by router/app.py) become proposers that call them (services/draft_client.py)
-        deps = HostDeps(proposers=remote_proposers(drafts or {}, _replica_id()))
+        # and ExpertWorker shard handles by name (``experts``) the transport of remote experts
+        # (services/expert_client.py), whose calls ``expert_calls`` times
+        self.expert_calls = ExpertCallLog()
+        deps = HostDeps(proposers=remote_proposers(drafts or {}, _replica_id()),
+                        expert_shards=remote_expert_shards(experts or {}, self.expert_calls))
         self.engine = ServingEngine.from_config(config.engine, deps)
         self.transfer = kv_transfer.create(config.kv_transfer, deps) if config.role != "unified" else None
         # the prefix cache's tiers: this engine's blocks, then Redis (services/prefix_store/tier.py)
@@ -73,6 +79,7 @@ class EngineWorker:
         self.telemetry = WorkerTelemetry.for_replica(config.role, config.model_id, _replica_id(), self.engine.stats,
                                                      lambda: _store_stats(self))
         self.transfer = self.telemetry.traced_transfer(self.transfer)
+        self.telemetry.watch_expert_calls(self.expert_calls)  # latency histogram, span events
         self._open = 0
         self._sent = 0
         self._adopted = 0
@@ -115,7 +122,7 @@ class EngineWorker:
                 out = await self.engine.prefill(call.prompt_token_ids, call.params, call.request_id,
                                                 call.priority)
                 job.new_blocks = out.new_blocks  # written back when the block ends (never awaited)
-        except (ValueError, EngineOverloadedError, asyncio.CancelledError, TimeoutError):
+        except (ValueError, EngineOverloadedError, asyncio.CancelledError, TimeoutError, ExpertsUnavailableError):
             raise
         except Exception as exc:
             raise PrefillFailedError(f"prefill of {call.request_id!r} failed: {type(exc).__name__}: {exc}") from exc

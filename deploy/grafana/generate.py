@@ -215,6 +215,15 @@ def expert_rows(d: Layout) -> None:
                        (f"sum(tandem_expert_resident_bytes{sel()}) / sum(tandem_expert_cache_capacity_bytes{sel()})",
                         "cache filled")], "percentunit", width=6, defaults={"max": 1, "min": 0},
           description="Prefetched experts used before eviction / prefetched; resident expert bytes / budget.")
+    d.add("Remote expert call latency by shard",
+          [(f"histogram_quantile({q}, sum by (le, shard) (rate(tandem_expert_remote_call_seconds_bucket{sel()}{RATE})))",
+            f"shard {{{{shard}}}} p{round(q * 100)}") for q in (0.5, 0.99)], "s", width=12,
+          description="One ExpertWorker shard call of a MoE layer's step, as the calling worker measured it "
+          "(handle round trip: transport + the shard's compute; remote backend).")
+    d.add("Remote expert call failures / s by shard",
+          [(rate("tandem_expert_remote_call_failures_total", by="shard"), "shard {{shard}}")], "ops", width=12,
+          description="Shard calls that failed or were not answered within call_timeout_s: each failed the "
+          "requests of its step with UNAVAILABLE.")
 
 
 def role_rows(d: Layout) -> None:

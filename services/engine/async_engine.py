@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from services.engine.engine import LLMEngine
 from services.engine.gc_tuning import freeze_startup_objects
 from services.engine.llm import build_engine_config
+from services.engine.model.experts import ExpertsUnavailableError
 from services.engine.plugins import HostDeps
 from services.engine.outputs import TokenChunk
 from services.engine.sampling_params import SamplingParams
@@ -136,6 +137,10 @@ class AsyncEngine:
             try:
                 try:
                     chunks = self.engine.step()
+                except ExpertsUnavailableError as exc:
+                    log.warning("engine step failed; aborting all running requests: %s", exc)
+                    self._fail_all(exc)
+                    continue
                 except Exception as exc:  # a bug in a step must not hang every client
                     log.exception("engine step failed; aborting all running requests")
                     self._fail_all(exc)
@@ -153,7 +158,9 @@ class AsyncEngine:
     def _fail_all(self, exc: Exception) -> None:
         for rid, stream in list(self._streams.items()):
             self.engine.abort(rid)
-            stream.put(RuntimeError(f"engine step failed: {exc}"))
+            # remote experts out of reach keep their type: the request fails UNAVAILABLE, not INTERNAL
+            kind = ExpertsUnavailableError if isinstance(exc, ExpertsUnavailableError) else RuntimeError
+            stream.put(kind(f"engine step failed: {exc}"))
         self._streams.clear()
 
     # ---- routing report (any thread) -------------------------------------------------------

@@ -49,6 +49,9 @@ class HostDeps:
     # deployment name -> build(options, target) -> Proposer: a proposer that calls that deployment
     # (``speculative: {method: draft_model, deployment: NAME}``; services/draft_client.py)
     proposers: Mapping[str, Callable[[Any, Any], Any]] = field(default_factory=dict)
+    # deployment name -> build(options) -> ExpertShards: the transport to the ExpertWorker shards
+    # (``experts: {backend: remote, deployment: NAME}``; services/expert_client.py)
+    expert_shards: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,9 @@ QUEUE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Fine enough below 1 ms to read the p50 of issue 3's "router adds <= 1 ms per token", and from
 # 5 to 30 ms, where the 2-core box measures it (bench serve --router-metrics).
+# one shard call per MoE layer and step: a Serve handle round trip is 3-8 ms on the 2-core box
+EXPERT_CALL_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5,
+                       1.0, 2.5, 5.0, 10.0)
 TOKEN_DELAY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1,
                        0.25, 0.5, 1.0, 2.5)
 
@@ -88,6 +91,9 @@ CONTRACT: dict[str, str] = {
     "tandem_expert_cache_capacity_bytes": "gauge",
     "tandem_expert_window_hit_rate": "gauge",
     "tandem_expert_window_oracle_hit_rate": "gauge",
+    # MoE experts in ExpertWorker shards (remote), per shard, measured by the calling worker
+    "tandem_expert_remote_call_seconds": "histogram",
+    "tandem_expert_remote_call_failures_total": "counter",
 }
 FINISH_REASONS = ("stop", "length", "abort")
 # Status codes a request fails with (router/errors.py), exported at 0 from the start so that
@@ -181,6 +187,21 @@ class WorkerMetrics:
                             "KV", LABELS + ("direction",), registry=reg, buckets=TRANSFER_BUCKETS)
         self.transfer_bytes = {d: nbytes.labels(*ids, d) for d in DIRECTIONS}
         self.transfer_seconds = {d: seconds.labels(*ids, d) for d in DIRECTIONS}
+        self._ids = ids
+        self._expert_seconds = Histogram(
+            "tandem_expert_remote_call_seconds", "One ExpertWorker shard call of a MoE layer's step, sent to answered "
+            "(handle round trip: transport + the shard's compute), by shard", LABELS + ("shard",), registry=reg,
+            buckets=EXPERT_CALL_BUCKETS)
+        self._expert_failures = Counter("tandem_expert_remote_call_failures", "ExpertWorker shard calls that failed "
+                                        "or were not answered in time (the step's requests failed), by shard",
+                                        LABELS + ("shard",), registry=reg)
+
+    def expert_call(self, shard: int, seconds: float, ok: bool) -> None:
+        """One remote expert call (services/expert_client.py ``ExpertCallLog`` observer)."""
+        if ok:
+            self._expert_seconds.labels(*self._ids, str(shard)).observe(seconds)
+        else:
+            self._expert_failures.labels(*self._ids, str(shard)).inc()
 
 
 def _get(source: Any, name: str, default: float = 0) -> float:

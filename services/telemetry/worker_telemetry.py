@@ -15,7 +15,11 @@ token), never a span per token. Speculative decoding: a ``tandem.draft`` span ev
 ``tandem.decode`` for every message whose steps verified drafts (one per engine step unless the
 router read slower than the engine produced: ``tandem.draft.steps`` says how many), with the
 draft tokens verified and accepted, and the request's totals as attributes at the end. ``traced_stream`` wraps the worker's per-request stream
-methods; ``TracedTransfer`` wraps its KV transfer backend.
+methods; ``TracedTransfer`` wraps its KV transfer backend. Remote MoE experts: a
+``tandem.experts.remote`` span event on ``tandem.decode`` for every message during whose steps
+the engine called ExpertWorker shards (calls, failures, summed and mean latency: the calls of
+the engine's steps since the request's previous message, the batch's steps it decoded in), and
+the request's totals as attributes at the end.
 """
 
 from __future__ import annotations
@@ -46,6 +50,12 @@ class WorkerTelemetry:
         self.metrics = metrics or WorkerMetrics(identity)
         self.tracer = tracer or tracing.tracer()
         self.server: MetricsServer | None = None
+        self.expert_calls = None  # an ExpertCallLog (services/expert_client.py) when experts are remote
+
+    def watch_expert_calls(self, log) -> None:
+        """Observe every remote expert call of ``log`` (histogram) and read its totals (span events)."""
+        self.expert_calls = log
+        log.observers.append(self.metrics.expert_call)
 
     @classmethod
     def for_replica(cls, role: str, model: str, replica: str, engine_stats: Callable[[], Any],
@@ -102,6 +112,9 @@ class RequestTrace:
         self.num_later_tokens = 0  # of those, after the decode span's first message (the TPOT base)
         self.num_messages = 0
         self.drafts = (0, 0, 0)  # the request's (draft steps, draft tokens, accepted) at the last message
+        log = telemetry.expert_calls
+        self.expert_seen = log.totals() if log is not None else None  # remote expert call totals then
+        self.expert_sums = [0, 0, 0.0]  # the request's remote expert calls, failures, seconds (events sent)
 
     @property
     def current(self) -> trace.Span:
@@ -132,6 +145,7 @@ class RequestTrace:
         self.num_tokens += len(chunk.token_ids)
         self.num_messages += 1
         self._draft_event(chunk)
+        self._expert_event()
         if chunk.finish_reason is not None:
             self._end_decode(chunk.finish_reason)
 
@@ -165,10 +179,31 @@ class RequestTrace:
                 "tandem.draft.steps": steps, "tandem.draft.tokens": drafted, "tandem.draft.accepted_tokens": accepted,
                 "tandem.draft.emitted_tokens": len(chunk.token_ids)})
 
+    def _expert_event(self) -> None:
+        """A ``tandem.experts.remote`` event for the shard calls since the previous message."""
+        if self.expert_seen is None:
+            return
+        now = self.telemetry.expert_calls.totals()
+        before, self.expert_seen = self.expert_seen, now
+        calls, failures = now.num_calls - before.num_calls, now.num_failures - before.num_failures
+        if calls <= 0:
+            return
+        seconds = now.seconds - before.seconds
+        self.expert_sums = [self.expert_sums[0] + calls, self.expert_sums[1] + failures,
+                            self.expert_sums[2] + seconds]
+        if self.decode.is_recording():
+            self.decode.add_event("tandem.experts.remote", {
+                "tandem.experts.calls": calls, "tandem.experts.failures": failures,
+                "tandem.experts.seconds": seconds, "tandem.experts.mean_call_s": seconds / max(calls - failures, 1)})
+
     def _end_decode(self, reason: str | None) -> None:
         span, self.decode = self.decode, None
         if span.is_recording():
             attrs = {"gen_ai.usage.output_tokens": self.num_tokens, "tandem.stream_messages": self.num_messages}
+            if self.expert_sums[0]:
+                attrs.update({"tandem.experts.calls": self.expert_sums[0],
+                              "tandem.experts.failures": self.expert_sums[1],
+                              "tandem.experts.seconds": self.expert_sums[2]})
             if self.drafts[0]:
                 attrs.update({"tandem.draft.steps": self.drafts[0], "tandem.draft.tokens": self.drafts[1],
                               "tandem.draft.accepted_tokens": self.drafts[2]})

@@ -106,3 +106,40 @@ def test_bad_draft_worker_settings_are_named(model, change, field):
         args["draft_worker"] = change["draft_worker"]
     with pytest.raises(ValueError, match=field):
         parse_args(args)
+
+
+# ---- moe.yaml: remote experts in ExpertWorker shards ------------------------------------------
+@pytest.fixture(scope="module")
+def moe_model(tmp_path_factory):
+    return str(make_model("tiny-mixtral", tmp_path_factory.mktemp("moe")))
+
+
+def test_moe_yaml_deploys_two_expert_worker_shards_for_both_roles(moe_model):
+    raw = yaml.safe_load((DEPLOY / "moe.yaml").read_text())
+    (app,) = ServeDeploySchema.model_validate(raw).applications
+    assert {d.name for d in app.deployments} == {"Router", "PrefillWorker", "DecodeWorker", "ExpertWorker0",
+                                                 "ExpertWorker1"}
+    config = parse_args(load_config(DEPLOY / "moe.yaml", model=moe_model)["applications"][0]["args"])
+    assert set(config.experts) == {"ExpertWorker0", "ExpertWorker1"}
+    assert [config.experts[n].shard for n in ("ExpertWorker0", "ExpertWorker1")] == [0, 1]
+    for role in ("prefill", "decode"):
+        experts = config.workers[role].engine.experts
+        assert experts.name == "remote" and experts.options.num_shards == 2 and experts.options.call_timeout_s == 10
+    assert config.experts["ExpertWorker0"].target.model == moe_model
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"engine": {"experts": {"backend": "remote", "num_shards": 0}}}, "experts.num_shards"),
+    ({"engine": {"experts": {"backend": "remote", "call_timeout_s": 0}}}, "experts.call_timeout_s"),
+    ({"engine": {"experts": {"backend": "remote", "deployment": "bad name"}}}, "experts.deployment"),
+    ({"engine": {"experts": {"backend": "remote", "num_shards": 5}}}, "experts.num_shards"),  # 4 experts
+    ({"expert_worker": {"typo": 1}}, "args.expert_worker"),
+    ({"expert_worker": {"torch_threads": 0}}, "args.expert_worker.torch_threads"),
+    ({"decode_engine": {"dtype": "bfloat16"}}, "args.decode_engine.experts"),
+])
+def test_bad_expert_worker_settings_are_named(moe_model, change, field):
+    args = load_config(DEPLOY / "moe.yaml", model=moe_model)["applications"][0]["args"]
+    for key, value in change.items():
+        args[key] = {**args.get(key, {}), **value} if key != "engine" else {**args["engine"], **value}
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        parse_args(args)

@@ -35,6 +35,11 @@ from services.engine.model.layers import GatedMLP, silu_and_mul
 if TYPE_CHECKING:
     from services.engine.checkpoint import TensorLocation
 
+class ExpertsUnavailableError(RuntimeError):
+    """The experts of a step could not be run: a remote expert shard died, failed or did not
+    answer in time. The step's requests fail (UNAVAILABLE over gRPC); later steps try again."""
+
+
 Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x [T, D] -> (topk_ids, topk_weights)
 
 

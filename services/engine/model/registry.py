@@ -26,7 +26,8 @@ from services.engine.model.decoder import CausalLM
 from services.engine.model.experts import ExpertFactory, ExpertSource, LocalExperts, MoEBlock
 from services.engine.model_config import SUPPORTED_ARCHITECTURES, ModelConfig
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "build_model", "load_model", "load_weights", "open_checkpoint"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "build_model", "expert_tensor_names", "load_model", "load_weights",
+           "open_checkpoint"]
 
 # fused parameter -> the checkpoint projections it concatenates, in row order
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -125,7 +126,7 @@ def _sources(config: ModelConfig, name: str, shape: tuple[int, ...]) -> list[_So
     return sources
 
 
-def _expert_names(config: ModelConfig, layer: int, expert: int) -> tuple[str, str, str]:
+def expert_tensor_names(config: ModelConfig, layer: int, expert: int) -> tuple[str, str, str]:
     """Checkpoint names of one expert's (gate, up, down) weights."""
     if config.architecture == "MixtralForCausalLM":
         base = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
@@ -141,7 +142,7 @@ def _load_experts(config: ModelConfig, layer: int, block: MoEBlock, reader: Chec
     d, i = config.hidden_size, config.moe_intermediate_size
     shapes = [(i, d), (i, d), (d, i)]
     for expert in range(config.num_experts):
-        names = _expert_names(config, layer, expert)
+        names = expert_tensor_names(config, layer, expert)
         for name, shape in zip(names, shapes):
             if tuple(reader.shape(name)) != shape:
                 raise CheckpointError(f"{reader.path}: tensor {name!r} has shape {list(reader.shape(name))}, "
