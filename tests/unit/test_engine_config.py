@@ -61,7 +61,7 @@ def test_out_of_range_value_names_its_path_as_written():
 
 
 def test_plugin_sections_name_unknown_variants():
-    assert err({"experts": {"backend": "nope"}}) == f"{P}.experts.backend: unknown experts variant 'nope'; available: ['local', 'offload']"
+    assert err({"experts": {"backend": "nope"}}) == f"{P}.experts.backend: unknown experts variant 'nope'; available: ['local', 'offload', 'remote']"
     assert err({"quantization": "int9"}).startswith(f"{P}.quantization.name: unknown quantization variant 'int9'")
     assert err({"speculative_config": {"method": "x"}}).startswith(f"{P}.speculative_config.method: unknown")
     long_form = EngineConfig.from_options("m", {"experts": {"name": "local", "options": {}}})
