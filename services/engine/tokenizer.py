@@ -59,6 +59,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def save(self, file: str | Path) -> None:
+        """Write the tokenizer as a ``tokenizer.json`` file (a GGUF file's rebuilt one included)."""
+        self._tok.save(str(file))
+
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
         """The prompt text of a conversation; ValueError when the model has no chat template."""
         if self.chat_template is None:

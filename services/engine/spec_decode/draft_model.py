@@ -38,6 +38,7 @@ from services.engine.runner import ModelRunner
 from services.engine.sampler import Sampler, argmax_rows, filtered_probs
 from services.engine.spec_decode import PROPOSERS
 from services.engine.spec_decode.base import NO_DRAFT, Draft, Proposer, SpeculativeOptions, TargetInfo
+from services.engine.spec_decode.vocab_check import Vocabulary, check_same_vocabulary
 from services.engine.tokenizer import Tokenizer
 
 TRANSPORTS = ("direct", "handle")  # DraftModelOptions.deployment_transport
@@ -77,20 +78,11 @@ class DraftModelOptions(SpeculativeOptions):
             raise ConfigError("num_kv_blocks", f"must be >= 1, got {self.num_kv_blocks}")
 
 
-def check_same_vocabulary(draft: Tokenizer, draft_vocab_size: int, target: TargetInfo) -> None:
-    """ValueError saying how the draft's vocabulary differs from the target's, if it does."""
-    tv, dv = target.model_config.vocab_size, draft_vocab_size
-    problems = []
-    if tv != dv:
-        problems.append(f"the draft's vocab_size is {dv}, the target's {tv}")
-    t_map, d_map = target.tokenizer.vocab(), draft.vocab()
-    differ = sorted(tok for tok in t_map.keys() | d_map.keys() if t_map.get(tok) != d_map.get(tok))
-    if differ:
-        examples = ", ".join(f"{tok!r}: draft {d_map.get(tok)} vs target {t_map.get(tok)}" for tok in differ[:3])
-        problems.append(f"{len(differ)} token(s) map to different ids ({examples})")
-    if problems:
-        raise ValueError("speculative.model: the draft model must use the target's tokenizer; "
-                         + "; ".join(problems))
+def check_draft_vocabulary(draft: Tokenizer, draft_vocab_size: int, target: TargetInfo) -> None:
+    """ValueError saying how the draft's vocabulary differs from the target's (size, first
+    differing ids, tokens mapped elsewhere, special tokens), if it does (vocab_check.py)."""
+    check_same_vocabulary(Vocabulary.of(draft, draft_vocab_size),
+                          Vocabulary.of(target.tokenizer, target.model_config.vocab_size))
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -108,7 +100,7 @@ class DraftModelProposer(Proposer):
         path = resolve_model(options.model) if options.model in NAMED_MODELS else options.model
         self.num_speculative_tokens = options.num_speculative_tokens
         self.model = load_model(path, device=target.device, dtype=target.dtype)
-        check_same_vocabulary(Tokenizer(path), self.model.config.vocab_size, target)
+        check_draft_vocabulary(Tokenizer(path), self.model.config.vocab_size, target)
         use_cpu_backend(self.model)
         num_blocks = options.num_kv_blocks or target.num_kv_blocks
         seed = hash_seed(checkpoint_fingerprint(path), str(target.dtype).removeprefix("torch."), target.block_size)
