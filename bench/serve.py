@@ -200,8 +200,10 @@ def summarize(results: list[RequestResult], wall_s: float, args: argparse.Namesp
         values = [v for v in values if v is not None]
         return {k: v * 1000 for k, v in percentiles(values).items()} if values else None
 
+    from bench.sysperf import environment
     return {
         "target": args.address or f"inprocess:{args.inprocess}",
+        "env": environment(),  # the machine this client ran on (also the engine's with --inprocess)
         "load": {"concurrency": args.concurrency, "request_rate": args.request_rate, "num_prompts": args.num_prompts,
                  "input_len": args.input_len, "output_len": args.output_len,
                  "random_range_ratio": args.random_range_ratio},
@@ -215,6 +217,10 @@ def summarize(results: list[RequestResult], wall_s: float, args: argparse.Namesp
 
 def print_table(s: dict) -> None:
     print(f"\n==== tandem bench serve: {s['target']} ====")
+    if s.get("env"):
+        env = s["env"]
+        where = "engine and client" if s["target"].startswith("inprocess:") else "client"
+        print(f"CPU ({where}): {env['cpu']} | torch {env['torch']}, {env['torch_threads']} threads")
     rows = [("completed / failed", f"{s['completed']} / {s['failed']}"),
             ("errors by status", ", ".join(f"{k}={v}" for k, v in s["errors"].items()) or "-"),
             ("duration (s)", f"{s['duration_s']:.2f}"),

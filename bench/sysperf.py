@@ -13,6 +13,8 @@ Glossary
 - memory floor: weight bytes per token / read bandwidth = the fastest batch-1 TPOT possible.
   Paired floor: the bandwidth read just before and just after one batch-1 round (the higher
   reading), the floor of that round's TPOT.
+- GEMM peak: the best GFLOP/s of large square GEMMs in one dtype (``gemm_peak``), the compute
+  ceiling that a run's achieved GFLOP/s (2 x parameters x tokens/s) is set against.
 """
 
 from __future__ import annotations
@@ -61,21 +63,52 @@ class ReadProbe:
         self.probes, self.x = {}, None
 
 
-def weight_bytes_per_token(model: torch.nn.Module, model_config) -> int:
-    """Bytes of weights one batch-1 decode step streams (see the module glossary)."""
+def _per_token(model: torch.nn.Module, model_config, size) -> int:
+    """Sum of ``size(p)`` over the weights one batch-1 decode step reads (module glossary)."""
     total = 0
     embed = getattr(model, "embed_tokens", None)
     tied = bool(getattr(model_config, "tie_word_embeddings", False))
     num_experts = getattr(model_config, "num_experts", 0) or 0
     top_k = getattr(model_config, "num_experts_per_tok", 0) or 0
     for name, p in model.named_parameters():
-        nbytes = p.numel() * p.element_size()
+        n = size(p)
         if embed is not None and p is embed.weight and not tied:
             continue
         if ".experts." in name and num_experts:
-            nbytes = nbytes * top_k // num_experts
-        total += nbytes
+            n = n * top_k // num_experts
+        total += n
     return total
+
+
+def weight_bytes_per_token(model: torch.nn.Module, model_config) -> int:
+    """Bytes of weights one batch-1 decode step streams (see the module glossary)."""
+    return _per_token(model, model_config, lambda p: p.numel() * p.element_size())
+
+
+def flop_params_per_token(model: torch.nn.Module, model_config) -> int:
+    """Parameters one token multiplies by (the weights of ``weight_bytes_per_token``, counted in
+    elements): the decode FLOP estimate is 2 x this x tokens/s (attention's own FLOPs, which
+    grow with context, are not counted)."""
+    return _per_token(model, model_config, lambda p: p.numel())
+
+
+def gemm_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048), reps: int = 5) -> dict:
+    """GFLOP/s of square GEMMs ``F.linear(x [s, s], w [s, s])`` (the layout of a linear layer's
+    [out, in] weight), best of ``reps`` per size at torch's current thread count:
+    ``{"GFLOPs": best over sizes, "by_size": {"1024": ...}}``. The compute ceiling that
+    achieved decode / prefill GFLOP/s are set against."""
+    by_size = {}
+    for s in sizes:
+        x, w = torch.randn(s, s).to(dtype), torch.randn(s, s).to(dtype)
+        with torch.inference_mode():
+            torch.nn.functional.linear(x, w)  # warm: thread pool, oneDNN primitive
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                torch.nn.functional.linear(x, w)
+                best = min(best, time.perf_counter() - t0)
+        by_size[str(s)] = 2 * s ** 3 / best / 1e9
+    return {"GFLOPs": max(by_size.values()), "by_size": by_size}
 
 
 def param_count(model: torch.nn.Module) -> int:
