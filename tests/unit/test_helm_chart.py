@@ -374,3 +374,43 @@ def test_spec_values_render_spec_yaml_with_the_draft_worker_on_its_own_group(tmp
     config = parse_args(args)
     assert set(config.drafts) == {"DraftWorker"} and config.workers["prefill"].engine.speculative is None
     assert config.drafts["DraftWorker"].target == config.workers["decode"].engine
+
+
+# ---- the optional ExpertWorker shards (values-moe.yaml: deploy/moe.yaml) ----------------------
+MOE_VALUES = CHART / "values-moe.yaml"
+
+
+def render_moe() -> list[dict]:
+    out = helm("template", "tandem", str(CHART), "--namespace", "serving", "-f", str(MOE_VALUES))
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def test_moe_values_lint():
+    assert "0 chart(s) failed" in helm("lint", "--strict", str(CHART), "-f", str(MOE_VALUES))
+
+
+def test_moe_values_render_moe_yaml_with_each_expert_shard_on_its_own_group(tmp_path):
+    values = values_from(MOE_VALUES)
+    (rayservice,) = by_kind(render_moe(), "RayService")
+    errors = [e.message for e in rayservice_validator().iter_errors(rayservice)]
+    assert not errors, errors[:5]
+    groups = {g["groupName"]: g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    assert set(groups) == {"prefill", "decode", "experts0", "experts1"}
+    assert custom_resources(groups["experts1"]) == {"tandem_experts1": 1}
+    rendered = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    want = expected_serve_config(values, deploy_file="moe.yaml")
+    want["applications"][0]["args"]["model"] = values["serve"]["args"]["model"]  # a mounted checkpoint
+    assert by_name(rendered) == by_name(want)
+    # the builder accepts the rendered args (a small MoE checkpoint here)
+    from services.engine.make_model import make_model
+
+    args = rendered["applications"][0]["args"]
+    args["model"] = str(make_model("tiny-moe", tmp_path / "m"))
+    config = parse_args(args)
+    assert config.workers["decode"].engine.experts.name == "remote"
+
+
+def test_a_worker_group_must_name_a_role_or_shard_deployment():
+    err = helm_fails("template", "tandem", str(CHART), "-f", str(MOE_VALUES),
+                     "--set", "rayCluster.workerGroups.experts0.deployment=Expert-Worker")
+    assert "/rayCluster/workerGroups/experts0/deployment" in err
