@@ -51,7 +51,7 @@ def main(argv=None):
               max_num_seqs=spec["max_num_seqs"])
     res = {"engine": "vllm-cpu", "version": vllm.__version__, "torch": torch.__version__,
            "dtype": spec["dtype"], "init_s": time.perf_counter() - t0, "threads": torch.get_num_threads(),
-           "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "OMP_", "LD_PRELOAD"))}}
+           "env": spec.get("env", {})}  # what the parent set (bench/vs_vllm.py vllm_env): no env reads here
     for w in spec["warmup"]:
         gen(llm, w["prompts"], w["max_tokens"])
     res["levels"] = []

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from services.engine import env as tandem_env
 from pathlib import Path
 
 from bench.workload import REPO_ROOT, Workload, batch_prompts, prompts, ttft_prompt, warmup_prompt
@@ -98,8 +99,8 @@ def _default_anchors() -> Path:
 
 def locate(args: argparse.Namespace) -> VllmSetup | str:
     """The vLLM setup of this run, or a sentence saying why there is none."""
-    venv = Path(args.vllm_venv or os.environ.get(VENV_ENV) or DEFAULT_VENV)
-    anchors = Path(args.bench_anchors or os.environ.get(ANCHORS_ENV) or _default_anchors())
+    venv = Path(args.vllm_venv or tandem_env.bench_path(VENV_ENV) or DEFAULT_VENV)
+    anchors = Path(args.bench_anchors or tandem_env.bench_path(ANCHORS_ENV) or _default_anchors())
     python = venv / "bin" / "python"
     if not python.exists():
         return (f"--vs-vllm: no vLLM venv at {venv} (../shared/bench-anchors/setup_envs.sh builds it; "
@@ -154,7 +155,7 @@ def round_spec(path: Path, workload: Workload, vocab: int, dtype: str, args: arg
 
 def vllm_env(setup: VllmSetup, threads: int | None) -> dict[str, str]:
     """The vLLM process's environment (see the module docstring); no PYTHONPATH of ours."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = tandem_env.environment_copy(drop=("PYTHONPATH", "VIRTUAL_ENV"))
     preload = [str(p) for p in (TCMALLOC, setup.venv / "lib" / "libiomp5.so") if p.exists()]
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)

@@ -42,6 +42,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("TANDEM_CPU_KERNELS", "auto", "tandem", "which build of the engine's C++ kernels runs "
              "(services/engine/kernels): auto (or 1/on) the best ISA variant the CPU runs, avx512 or avx2 forces "
              "one, torch (or 0/off) none: the plain torch path"),
+    Variable("TANDEM_VLLM_VENV", "", "tandem", "tandem bench offline --vs-vllm: the vLLM-cpu venv "
+             "(default /tmp/perf_anchor/vllm_venv)"),
+    Variable("TANDEM_BENCH_ANCHORS", "", "tandem", "tandem bench offline --vs-vllm: the bench-anchors folder "
+             "(default ../shared/bench-anchors)"),
     Variable("TANDEM_METRICS", "on", "tandem", "off: no /metrics HTTP endpoint in this process (the metrics "
              "are still counted)"),
     Variable("TANDEM_METRICS_HOST", "127.0.0.1", "tandem", "bind address of /metrics; the Helm chart sets 0.0.0.0"),
@@ -112,6 +116,16 @@ def _flag(name: str, environ: Environ | None) -> bool:
 
 # ---- Tandem's own ----------------------------------------------------------------------------
 KERNEL_CHOICES = ("auto", "avx512", "avx2", "torch")  # services/engine/kernels/variants.py CHOICES
+
+
+def bench_path(name: str, environ: Environ | None = None) -> str | None:
+    """TANDEM_VLLM_VENV / TANDEM_BENCH_ANCHORS: a path, or None when unset."""
+    return _raw(name, environ) or None
+
+
+def environment_copy(drop: tuple[str, ...] = (), environ: Environ | None = None) -> dict[str, str]:
+    """This process's environment as a dict, without ``drop`` (for a child process's own env)."""
+    return {k: v for k, v in _environ(environ).items() if k not in drop}
 
 
 def cpu_kernels_choice(environ: Environ | None = None) -> str:

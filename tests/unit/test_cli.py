@@ -36,8 +36,9 @@ def plugin(name: str, value: str) -> EntryPoint:
 def test_pyproject_declares_the_script_and_the_bench_command():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["scripts"] == {"tandem": "router.cli:main"}
-    assert project["entry-points"][cli.COMMANDS_GROUP] == {"bench": "bench.cli:register"}
-    assert cli._checkout_commands(ROOT) == {"bench": "bench.cli:register"}
+    want = {"bench": "bench.cli:register", "distill": "services.engine.distill.cli:register"}
+    assert project["entry-points"][cli.COMMANDS_GROUP] == want
+    assert cli._checkout_commands(ROOT) == want
 
 
 def test_discovery_reads_the_checkout_even_when_the_installed_metadata_lacks_it():
@@ -71,7 +72,8 @@ def test_discovery_ignores_a_pyproject_of_another_project(tmp_path):
 def test_bench_is_a_command_of_the_default_parser():
     parser = cli.build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(commands.choices) == {"make-model", "generate-local", "serve", "generate", "chat", "bench"}
+    assert set(commands.choices) == {"make-model", "generate-local", "serve", "generate", "chat", "bench",
+                                     "distill"}
 
 
 # ---- dispatching -------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from router.app import parse_args
-from services.engine.config import CacheConfig, EngineConfig, cpu_auto_dtype, resolve_device
+from services.engine.config import CPU_AUTO_BF16, CacheConfig, EngineConfig, cpu_auto_dtype, resolve_device
 from services.engine.kernels.cpu_features import CpuFeatures, cpu_features
 from services.engine.model_config import ModelConfig
 from services.engine.config_parse import ConfigError
@@ -123,5 +123,6 @@ def test_auto_dtype_on_cpu_is_bf16_for_dense_models_on_bf16_cpus(shape, tmp_path
 
 def test_resolve_device_reads_the_checkpoint_for_auto(model):
     device, dtype = resolve_device(EngineConfig(model, device="cpu"))
-    assert device.type == "cpu" and dtype == cpu_auto_dtype(ModelConfig.from_path(model), cpu_features())
+    want = cpu_auto_dtype(ModelConfig.from_path(model), cpu_features()) if CPU_AUTO_BF16 else torch.float32
+    assert device.type == "cpu" and dtype == want
     assert resolve_device(EngineConfig(model, device="cpu", dtype="bf16"))[1] == torch.bfloat16
