@@ -199,7 +199,11 @@ def bench_rounds(path: Path, workload: Workload, args: argparse.Namespace,
         tmp = Path(tmp)
         specs = {"tandem": tmp / "tandem-spec.json", "vllm": tmp / "vllm-spec.json"}
         specs["tandem"].write_text(json.dumps(round_spec(path, workload, vocab, args.dtype, args)))
-        specs["vllm"].write_text(json.dumps(round_spec(path, workload, vocab, args.vllm_dtype, args)))
+        vllm_spec = round_spec(path, workload, vocab, args.vllm_dtype, args)
+        if have_vllm:  # the driver records, in its JSON, what this process set for it
+            vllm_spec["env"] = {k: v for k, v in vllm_env(setup, args.threads).items()
+                                if k.startswith(("VLLM_", "OMP_", "LD_PRELOAD"))}
+        specs["vllm"].write_text(json.dumps(vllm_spec))
         for k, engine in enumerate(order):
             print(f"[vs-vllm] process {k + 1}/{len(order)}: {engine}", flush=True)
             out = tmp / f"{k:02d}-{engine}.json"
