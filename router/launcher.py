@@ -17,7 +17,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from router import ray_auth
+from router import failed_head, ray_auth
 from services.engine import env
 
 LOOPBACK = "127.0.0.1"
@@ -87,6 +87,8 @@ def app_address(config: dict) -> str:
 # machine), at 0.5 s idle use fell from 0.81 to 0.38 CPU-s per 20 s. Autoscaling decisions
 # and replica replacement react at most 0.4 s later.
 RAY_ENV_DEFAULTS = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
+# Heads tried when a raylet does not register in time (router.failed_head says why that happens).
+RAY_START_ATTEMPTS = 2
 # Keeps a loopback node IP loopback (loopback_environment); must be set before `import ray`.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
@@ -122,7 +124,9 @@ def start_local_ray(*, num_cpus: int = 16, dashboard: bool = False, node_ip: str
     ``RAY_AUTH_MODE`` says otherwise (it is read when ``ray`` is imported, so it can only be
     changed from the environment of this process). The token is made before ``ray.init``
     (``router.ray_auth``: Ray's own first write races with a second first start). A GCS that
-    fails to start raises with its own log line. ``RAY_ENV_DEFAULTS`` are put into this
+    fails to start raises with its own log line. A raylet that did not register (its agents too
+    slow to start on a loaded machine: ``router.failed_head``) gets one fresh head, after the
+    failed one's processes are ended. ``RAY_ENV_DEFAULTS`` are put into this
     process's environment (unless set), which the head's processes inherit. A loopback
     ``node_ip`` stays loopback (``loopback_environment``, which ``tandem serve`` calls before
     anything imports ``ray``) unless the operator set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1.
@@ -136,14 +140,20 @@ def start_local_ray(*, num_cpus: int = 16, dashboard: bool = False, node_ip: str
         log.warning("RAY_AUTH_MODE=%s: token authentication is off", env.ray_auth_mode())
     elif ray_auth.ensure_auth_token():  # before ray.init, which would write it non-atomically
         log.info("wrote a new Ray authentication token to %s", ray_auth.default_token_path())
-    try:
-        return ray.init(address="local", _node_ip_address=node_ip, include_dashboard=dashboard,
-                        dashboard_host=node_ip, num_cpus=num_cpus, namespace="serve", **options)
-    except Exception as exc:
-        reason = gcs_exit_reason(str(exc))
-        if reason is None:
-            raise
-        raise RuntimeError(f"{exc}\n{reason}") from exc
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            return ray.init(address="local", _node_ip_address=node_ip, include_dashboard=dashboard,
+                            dashboard_host=node_ip, num_cpus=num_cpus, namespace="serve", **options)
+        except Exception as exc:
+            reason = gcs_exit_reason(str(exc))
+            if reason is not None:
+                raise RuntimeError(f"{exc}\n{reason}") from exc
+            if failed_head.RAYLET_STARTUP_TIMEOUT not in str(exc):
+                raise
+            reason = failed_head.abandon()
+            if attempt == RAY_START_ATTEMPTS:
+                raise RuntimeError(f"{exc}\n{reason} (after {attempt} attempts)") from exc
+            log.warning("the Ray head did not come up (%s); starting a fresh one", reason)
 
 
 def _keep_loopback_in_this_process(node_ip: str) -> None:
