@@ -20,7 +20,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "serve": ("bench.serve", "gRPC load generator against a running server"),
     "prefix": ("bench.prefix", "time to first token with and without the Redis prefix cache"),
     "grpc-floor": ("bench.grpc_floor", "grpc.aio's own per-message delay on this machine"),
-    "moe": ("bench.moe", "MoE decode tok/s with part of the experts resident (offload) against local"),
+    "moe": ("bench.moe", "MoE decode tok/s, experts partly resident (offload) or in ExpertWorker shards (remote), against local"),
     "spec": ("bench.spec", "speculative decoding on vs off: tok/s and acceptance, chat and input-grounded prompts"),
 }
 

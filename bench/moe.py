@@ -1,16 +1,21 @@
 """MoE expert offload benchmark: decode throughput with part of the experts resident.
 
-    python -m bench.moe [--model moe-1b] [--fractions 0.25,0.5,1.0] [--concurrency 1,8] [--json out.json]
+    python -m bench.moe [--model moe-1b] [--fractions 0.25,0.5,1.0] [--remote-shards 2] [--concurrency 1,8]
+                        [--json out.json]
 
-For ``local`` (every expert resident) and ``offload`` at each resident fraction (file tier:
-experts read from the safetensors files on demand), each in a fresh process (clean RSS):
+For ``local`` (every expert resident), ``offload`` at each resident fraction (file tier:
+experts read from the safetensors files on demand) and ``remote`` (the experts in
+``--remote-shards`` ExpertWorker Serve deployments on a local Ray head, bench/moe_remote.py;
+``--no-remote`` skips it), each in a fresh process (clean RSS):
 the checkpoint's page cache is dropped first (``posix_fadvise(DONTNEED)`` on every file,
 which drops the clean pages no one maps; ``--drop-caches``: ``/proc/sys/vm/drop_caches`` as
 root, the whole machine's), then per concurrency c, c greedy requests (``--prompt-len`` random
 ids, ``--output-len`` new tokens, ignore_eos) submitted together; decode tok/s = tokens after
 each request's first / (last finish - first token of the batch). Reported beside it: the
 offload cache's hit rate, Belady's oracle hit rate on the same trace, prefetch hits, bytes
-loaded, and peak RSS. ``--policies`` replays the recorded routing traces of the offload runs
+loaded, and peak RSS (of this process: the engine's; for ``remote`` also each shard
+replica's, and the shard calls' latency). Every run's JSON record has ``vs_local``: its decode
+tok/s over local's, per concurrency. ``--policies`` replays the recorded routing traces of the offload runs
 through every eviction policy (the measurement behind expert_offload/policies.py's default).
 
 Random weights route near-uniformly across experts: the hardest case for a cache, where hit
@@ -60,20 +65,21 @@ def peak_rss() -> int:
 def decode_rate(engine, batch: list[list[int]], output_len: int) -> dict:
     from services.engine import SamplingParams
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    first, end = {}, {}
+    first, end, tokens = {}, {}, 0
     with CpuMonitor() as mon:
         rids = [engine.add_request(p, params).request_id for p in batch]
         while engine.has_unfinished_requests():
             chunks = engine.step()
             now = time.perf_counter()
             for ch in chunks:
+                tokens += len(ch.token_ids)
                 if ch.token_ids:
                     first.setdefault(ch.request_id, now)
                 if ch.finished:
                     end[ch.request_id] = now
     wall = max(end.values()) - max(first.values())
     return {"concurrency": len(batch), "decode_tok_per_s": len(rids) * (output_len - 1) / wall,
-            "decode_wall_s": wall, "other_cpu_frac": mon.other_cpu_frac}
+            "decode_wall_s": wall, "output_tokens": tokens, "other_cpu_frac": mon.other_cpu_frac}
 
 
 def expert_totals(engine) -> dict:
@@ -99,33 +105,51 @@ def traces(engine) -> list[list[list[int]]]:
 
 
 def run_one(args: argparse.Namespace) -> dict:
-    """One configuration (``args.one``: "local" or a resident fraction) in this process."""
-    from services.engine.engine import LLMEngine
-    from services.engine.llm import build_engine_config
+    """One configuration (``args.one``: "local", "remote" or a resident fraction) in this process."""
     path = Path(args.model)
     how = drop_page_cache(path, args.drop_caches)
+    cs = [int(c) for c in args.concurrency.split(",")]
+    need = max(cs) * (-(-(args.prompt_len + args.output_len) // 16)) + 8
+    options = dict(device="cpu", dtype="float32", block_size=16, num_kv_blocks=need, enable_prefix_caching=False,
+                   max_num_seqs=max(cs))
+    if args.one == "remote":
+        from bench.moe_remote import ExpertShardApps
+        shards = ExpertShardApps(str(path), options, args.remote_shards)
+        with shards:
+            out = measure(args, shards.engine, cs, how, shards)
+            out["shards"] = shards.shard_stats()
+            out["deploy_s"] = shards.deploy_s
+        out["processes_killed"] = shards.processes_killed  # Ray's processes still alive after shutdown
+        return out
+    from services.engine.engine import LLMEngine
+    from services.engine.llm import build_engine_config
     experts = {"backend": "local"} if args.one == "local" else {
         "backend": "offload", "resident_fraction": float(args.one), "policy": args.policy,
         "prefetch": not args.no_prefetch, "trace_steps": 100_000}
-    cs = [int(c) for c in args.concurrency.split(",")]
-    need = max(cs) * (-(-(args.prompt_len + args.output_len) // 16)) + 8
+    return measure(args, lambda: LLMEngine(build_engine_config(str(path), experts=experts, **options)), cs, how)
+
+
+def measure(args: argparse.Namespace, build, cs: list[int], how: str, shards=None) -> dict:
+    """Build the engine (``build()``) and measure each concurrency; ``shards``: the remote run's."""
     t0 = time.perf_counter()
-    engine = LLMEngine(build_engine_config(str(path), device="cpu", dtype="float32", block_size=16,
-                                           num_kv_blocks=need, enable_prefix_caching=False,
-                                           max_num_seqs=max(cs), experts=experts))
+    engine = build()
     out = {"config": args.one, "page_cache": how, "load_s": time.perf_counter() - t0, "levels": []}
     vocab = engine.model_config.vocab_size
     for c in cs:
-        before = expert_totals(engine)
+        before, calls = expert_totals(engine), len(shards.latencies) if shards else 0
         level = decode_rate(engine, prompts(c, args.prompt_len, seed=c, vocab=vocab), args.output_len)
         after = expert_totals(engine)
         if after:  # this level's share of the counters
             level["misses"] = after["misses"] - before["misses"]
             level["hits"] = after["hits"] - before["hits"]
+        if shards:
+            level["remote_calls"] = shards.call_stats(calls)
         out["levels"].append(level)
     out["experts"] = expert_totals(engine)
     out["peak_rss_bytes"] = peak_rss()
-    if args.one != "local" and args.trace_out:
+    if shards:
+        out["remote_calls"] = shards.call_stats()
+    if args.one not in ("local", "remote") and args.trace_out:
         Path(args.trace_out).write_text(json.dumps(traces(engine)))
     return out
 
@@ -149,7 +173,9 @@ def replay_policies(trace_files: list[Path], fractions: list[float], num_experts
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tandem bench moe", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="moe-1b", help="checkpoint folder or make_model shape (default moe-1b)")
-    p.add_argument("--fractions", default="0.25,0.5,1.0", help="resident fractions of the offload runs")
+    p.add_argument("--fractions", default="0.25,0.5,1.0", help="resident fractions of the offload runs ('': none)")
+    p.add_argument("--remote-shards", type=int, default=2, help="ExpertWorker shards of the remote run (default 2)")
+    p.add_argument("--no-remote", action="store_true", help="skip the remote run")
     p.add_argument("--concurrency", default="1,8")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=32)
@@ -171,21 +197,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from bench.sysperf import environment
     path = resolve_model(args.model)
-    fractions = [float(f) for f in args.fractions.split(",")]
+    fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
     env = environment()
     print(f"CPU: {env['cpu']} | torch {env['torch']}, {env['torch_threads']} threads | model {path.name}", flush=True)
     results, trace_files = [], []
-    for config in ["local", *map(str, fractions)]:
+    for config in ["local", *map(str, fractions), *["remote"] * (not args.no_remote)]:
         trace = ROOT / ".bench" / f"moe-trace-{config}.json"
         cmd = [sys.executable, "-m", "bench.moe", "--one", config, "--model", str(path),
                "--concurrency", args.concurrency, "--prompt-len", str(args.prompt_len),
-               "--output-len", str(args.output_len), "--policy", args.policy, "--trace-out", str(trace)]
+               "--output-len", str(args.output_len), "--policy", args.policy, "--trace-out", str(trace),
+               "--remote-shards", str(args.remote_shards)]
         cmd += ["--no-prefetch"] * args.no_prefetch + ["--drop-caches"] * args.drop_caches
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
             raise RuntimeError(f"{config}: {proc.stderr[-2000:]}")
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        if config != "local":
+        results.append(vs_local(results[0] if results else None, json.loads(proc.stdout.strip().splitlines()[-1])))
+        if config not in ("local", "remote"):
             trace_files.append(trace)
         print_row(results[0], results[-1])
     report = {"model": str(path), "env": env, "results": results}
@@ -199,6 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def vs_local(local: dict | None, res: dict) -> dict:
+    """``res`` with ``vs_local``: its decode tok/s over ``local``'s (None: ``res`` is local), per concurrency."""
+    base = local or res
+    res["vs_local"] = {str(b["concurrency"]): r["decode_tok_per_s"] / b["decode_tok_per_s"]
+                       for b, r in zip(base["levels"], res["levels"])}
+    return res
+
+
 def print_row(local: dict, res: dict) -> None:
     e = res.get("experts", {})
     for base, level in zip(local["levels"], res["levels"]):
@@ -209,7 +244,15 @@ def print_row(local: dict, res: dict) -> None:
         print(f"        hit {e['hit_rate']:.3f} (window {e['window_hit_rate']:.3f}, Belady {e['oracle_hit_rate']:.3f}) "
               f"prefetch {e['prefetch_hits']}/{e['prefetch_loads']} loaded {e['bytes_loaded'] / 2**30:.2f} GiB "
               f"peak RSS {res['peak_rss_bytes'] / 2**30:.2f} GiB page cache: {res['page_cache']}", flush=True)
-    else:
+    for level in res["levels"]:
+        if "remote_calls" in level:
+            r = level["remote_calls"]
+            print(f"        c={level['concurrency']} shard calls {r['calls']}: mean {r.get('mean_ms', 0):.2f} ms, "
+                  f"p99 {r.get('p99_ms', 0):.2f} ms", flush=True)
+    if "shards" in res:
+        rss = ", ".join(f"{(s['peak_rss_bytes'] or 0) / 2**30:.2f}" for s in res["shards"])
+        print(f"        shard replicas' peak RSS {rss} GiB", flush=True)
+    if not e:
         print(f"        peak RSS {res['peak_rss_bytes'] / 2**30:.2f} GiB page cache: {res['page_cache']}", flush=True)
 
 

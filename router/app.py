@@ -232,6 +232,13 @@ def _torch_threads(value, mode: str, path: str) -> dict[str, int | None]:
     return {r: per_role.get(r) for r in roles}
 
 
+def expert_shard_deployments(experts: dict[str, ExpertWorkerConfig], **options) -> dict:
+    """Each ExpertWorker shard deployment of ``experts`` (``AppConfig.experts``) bound to its config;
+    ``options``: Serve deployment options over ExpertWorkerDeployment's (bench/moe_remote.py).
+    Each shard is a deployment of its own (its replicas are interchangeable: Serve's default routing)."""
+    return {name: ExpertWorkerDeployment.options(name=name, **options).bind(shard) for name, shard in experts.items()}
+
+
 def build_app(args: dict | None = None):
     """Serve application builder (``serve run deploy/local.yaml`` calls it with the YAML's args)."""
     config = parse_args(args)
@@ -240,8 +247,7 @@ def build_app(args: dict | None = None):
     drafts = {name: DraftWorkerDeployment.options(name=name, request_router_config=routed).bind(draft)
               for name, draft in config.drafts.items()}
 
-    # each shard is a deployment of its own (its replicas are interchangeable: Serve's default routing)
-    shards = {name: ExpertWorkerDeployment.options(name=name).bind(shard) for name, shard in config.experts.items()}
+    shards = expert_shard_deployments(config.experts)
 
     def worker(deployment, role: str):
         engine = config.workers[role].engine
@@ -258,4 +264,4 @@ def build_app(args: dict | None = None):
     return Router.bind(config.router, prefill=worker(PrefillWorker, "prefill"), decode=worker(DecodeWorker, "decode"))
 
 
-__all__ = ["AppConfig", "build_app", "parse_args"]
+__all__ = ["AppConfig", "build_app", "expert_shard_deployments", "parse_args"]

@@ -3,8 +3,11 @@ calls on it (services/expert_worker.py hosts it in a Serve deployment).
 
 Rows cross the handle as raw numpy arrays (``to_array`` / ``from_array``): float32 and float16
 as themselves, bfloat16 as its bits in a uint16 array (numpy has no bfloat16). Nothing is
-unpickled here that Ray did not already decode as a plain array; an array of the wrong dtype,
-rank or shape is a ValueError naming the field.
+unpickled here that Ray did not already decode as a plain array. Anything in a call that does
+not fit the shard (not an ExpertCall, an array of the wrong dtype, rank or shape, a layer that
+is not a MoE layer, expert ids out of the shard's range or not ascending, counts that are not
+one positive int per expert, no experts at all) is a ValueError naming the field, raised before
+anything is computed or counted: the next good call is served as if it had not come.
 
 Not thread-safe: the ExpertWorker runs one call at a time.
 """
@@ -75,6 +78,11 @@ class ExpertService:
 
     def run(self, call: ExpertCall) -> ExpertReply:
         t0 = time.perf_counter()
+        if not isinstance(call, ExpertCall):
+            raise ValueError(f"call: must be an ExpertCall, got {type(call).__name__}")
+        for field in ("experts", "counts"):
+            if not isinstance(getattr(call, field), (list, tuple)):
+                raise ValueError(f"{field}: must be a list of ints, got {type(getattr(call, field)).__name__}")
         if call.dtype != self.dtype:
             raise ValueError(f"dtype: this shard computes in {self.dtype}, got {call.dtype!r} rows")
         x = from_array(call.hidden, call.dtype, "hidden")

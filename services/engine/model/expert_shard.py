@@ -90,13 +90,20 @@ class ExpertShard:
         return y
 
     def check(self, layer: int, experts: Sequence[int], counts: Sequence[int], x: torch.Tensor) -> None:
-        if layer not in self.gate_up:
-            raise ValueError(f"layer: {layer!r} is not a MoE layer of this model")
-        if not experts or any(e not in self.experts for e in experts) or list(experts) != sorted(set(experts)):
+        """ValueError naming the field; O(len(experts)) (at most this shard's experts) besides the shape."""
+        if not _is_int(layer) or layer not in self.gate_up:
+            raise ValueError(f"layer: {layer!r} is not a MoE layer of this model (MoE layers: {sorted(self.gate_up)})")
+        if not experts:
+            raise ValueError("experts: empty; a call carries at least one expert's rows")
+        if any(not _is_int(e) or e not in self.experts for e in experts) or list(experts) != sorted(set(experts)):
             raise ValueError(f"experts: must be distinct ascending ids in {self.experts}, got {list(experts)[:16]}")
-        if len(counts) != len(experts) or any(not isinstance(n, int) or n < 1 for n in counts):
-            raise ValueError("counts: one positive row count per expert")
+        if len(counts) != len(experts) or any(not _is_int(n) or n < 1 for n in counts):
+            raise ValueError(f"counts: one positive row count per expert ({len(experts)}), got {list(counts)[:16]}")
         if x.dim() != 2 or x.shape[0] != sum(counts) or x.shape[1] != self.config.hidden_size:
             raise ValueError(f"hidden: shape {list(x.shape)}, expected [{sum(counts)}, {self.config.hidden_size}]")
         if x.dtype != self.dtype:
             raise ValueError(f"dtype: {x.dtype} rows for a shard computing in {self.dtype}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
