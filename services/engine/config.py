@@ -191,10 +191,13 @@ def _build_section(base: Any, data: dict, flat: set[str], path: str, section: st
         raise exc.under(prefix) from None
 
 
-# Off until the Redis prefix tier writes bf16 KV back (the fresh-clone CI of 32c519b: with bf16 by
-# default, tests/integration/test_prefix_cache.py wrote 0 of 64 blocks back): dtype auto stays fp32
-# on CPU, and dtype: bfloat16 gives the measured gain of cpu_auto_dtype's docstring.
-CPU_AUTO_BF16 = False
+# dtype auto on CPU follows cpu_auto_dtype (bf16 weights and KV on AVX512_BF16 / AMX-BF16 CPUs for
+# the models the bf16 kernels take, fp32 elsewhere). It was off while the fresh-clone CI of 32c519b
+# failed the Redis prefix tier with bf16 by default; the blocks were written, but the tests assumed
+# fp32 (keys hashed with an fp32 seed, fp32 blocks handed to a bf16 store, which wrote blobs its own
+# reader then rejected). The store now writes in its layout's dtype and bf16 blocks round-trip bit
+# for bit (tests/integration/test_prefix_store_dtypes.py). False pins auto to fp32 on CPU.
+CPU_AUTO_BF16 = True
 
 
 def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype]:

@@ -13,8 +13,12 @@ Layout (``struct`` format ``HEADER``, 64 bytes, then the payload)::
     length      Q    payload length in bytes (= prod(shape) * itemsize)
 
 Payload: the block's K then V of every layer, ``[L, 2, bs, Hkv, D]`` C-contiguous (the
-engine's block-major transfer layout, one block). It is parsed with ``struct`` and copied
-with ``memoryview``: nothing from Redis is ever unpickled or evaluated.
+engine's block-major transfer layout, one block), as the raw bytes of its dtype: a bf16 block
+is its 2-byte bf16 bit patterns, read back bit for bit (numpy has no bfloat16, so the tensor
+is viewed as uint8 on both sides and numpy never sees a float). It is parsed with ``struct``
+and copied with ``memoryview``: nothing from Redis is ever unpickled or evaluated. A reader
+takes only blobs of its own ``BlockLayout`` (dtype and shape): a blob of another dtype is a
+``BlobError`` naming ``dtype``, i.e. a counted miss, never a reinterpretation of its bytes.
 
 Checksum: CRC-32 (zlib) detects truncation and bit rot at ~3 GB/s; blake2b took 44 ms per
 31 MiB on the 2-core box (the whole 1,984-token prefix of dense-100m), CRC-32 10 ms. It is
@@ -106,12 +110,19 @@ def decode_into(blob: bytes, layout: BlockLayout, out: memoryview) -> None:
 def decode_prefix(blobs: list[bytes], layout: BlockLayout) -> tuple[torch.Tensor, int | None]:
     """Decode the longest good prefix of ``blobs``: (``[L, 2, n, bs, Hkv, D]``, index of the
     first bad blob or None). Good blocks after a bad one are dropped (the chain breaks there)."""
+    kv, bad, _ = decode_chain(blobs, layout)
+    return kv, bad
+
+
+def decode_chain(blobs: list[bytes], layout: BlockLayout) -> tuple[torch.Tensor, int | None, str]:
+    """``decode_prefix`` plus why the first bad blob was rejected (the ``BlobError`` text, which
+    names the field: "dtype: 'bfloat16' is not 'float32'"; "" when every blob is good)."""
     buf = torch.empty((len(blobs),) + layout.shape, dtype=layout.torch_dtype)
     raw = memoryview(buf.view(torch.uint8).numpy()).cast("B") if buf.numel() else memoryview(b"")
     step = layout.num_bytes
     for i, blob in enumerate(blobs):
         try:
             decode_into(blob, layout, raw[i * step:(i + 1) * step])
-        except BlobError:
-            return buf[:i].permute(1, 2, 0, 3, 4, 5), i
-    return buf.permute(1, 2, 0, 3, 4, 5), None
+        except BlobError as exc:
+            return buf[:i].permute(1, 2, 0, 3, 4, 5), i, str(exc)
+    return buf.permute(1, 2, 0, 3, 4, 5), None, ""

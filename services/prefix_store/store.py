@@ -9,7 +9,10 @@ Glossary
   or a corrupt blob ends the prefix there: a clean miss. Corrupt blobs are deleted.
 - write-back: ``submit`` only enqueues (bounded; full = dropped and counted); a background
   task encodes off the event loop and writes with one ``SET ... EX ttl`` pipeline. A request
-  never waits for it.
+  never waits for it. Blobs are written in the store's ``BlockLayout`` (KV of another dtype
+  is converted first, as ``Runner.write_kv`` converts on import), so every blob a store
+  writes is one its readers take; a failed write-back is logged and counted
+  (``writes_dropped``, ``errors["set"]``), never silent.
 - I/O thread: every Redis call runs on the store's own event loop in a daemon thread, so
   the caller's loop (a Serve replica's, which also takes the engine's step lock) can never
   stall a Redis call into a false timeout, and write-backs never compete with it.
@@ -44,7 +47,7 @@ from typing import Callable
 
 import torch
 
-from services.prefix_store.blob import BlockLayout, decode_prefix, encode_block
+from services.prefix_store.blob import BlockLayout, decode_chain, encode_block
 from services.prefix_store.breaker import CircuitBreaker
 from services.prefix_store.config import PrefixStoreConfig
 
@@ -111,10 +114,10 @@ class PrefixStore:
         blobs = await self._fetch(keys[:n])
         if not blobs:
             return empty
-        kv, bad = await asyncio.to_thread(decode_prefix, blobs, self.layout)
+        kv, bad, why = await asyncio.to_thread(decode_chain, blobs, self.layout)
         if bad is not None:
             self.corrupt_blobs += 1
-            log.warning("corrupt prefix-cache blob %s deleted (a miss)", keys[bad])
+            log.warning("prefix-cache blob %s rejected (%s) and deleted: a miss", keys[bad], why)
             await self._call("delete", self._delete, keys[bad])
         self.hit_tokens["redis"] += kv.shape[2] * self.layout.block_size
         return kv
@@ -164,6 +167,8 @@ class PrefixStore:
             async with asyncio.timeout(timeout_s or self.config.timeout_s):
                 result = await fn(*args)
         except Exception as exc:  # redis errors, timeouts, connection refused: all a miss
+            if not self.breaker.is_open:  # at most breaker_failures lines per outage
+                log.warning("redis %s failed: %s: %s", op, type(exc).__name__, exc)
             self.errors[op] += 1
             self.breaker.record_failure(f"{op}: {type(exc).__name__}: {exc}")
             return None
@@ -178,6 +183,9 @@ class PrefixStore:
             return True
         if kv.shape[2] != len(hashes):
             raise ValueError(f"kv: {kv.shape[2]} blocks for {len(hashes)} hashes")
+        block_shape = (kv.shape[0], kv.shape[1]) + tuple(kv.shape[3:])
+        if kv.dim() != 6 or block_shape != self.layout.shape:
+            raise ValueError(f"kv: blocks of shape {block_shape} do not fit this store's {self.layout.shape}")
         with self._pending_lock:
             if self._pending >= self.config.write_queue_size:
                 self.writes_dropped += 1
@@ -203,7 +211,8 @@ class PrefixStore:
         if not self.breaker.allow():
             self.writes_dropped += 1
             return
-        blobs = await asyncio.to_thread(lambda: [encode_block(kv[:, :, i]) for i in range(len(hashes))])
+        dtype = self.layout.torch_dtype
+        blobs = await asyncio.to_thread(lambda: [encode_block(kv[:, :, i].to(dtype)) for i in range(len(hashes))])
         ok = await self._call("set", self._set, [self.key(h) for h in hashes], blobs,
                               timeout_s=self.config.write_timeout_s)
         if ok is None:

@@ -20,6 +20,7 @@ import redis
 from router import launcher
 from services.engine import LLM, SamplingParams
 from services.engine.checkpoint import checkpoint_fingerprint
+from services.engine.config import EngineConfig, resolve_device
 from services.engine.kv_cache import block_hash_chain, hash_seed
 from services.engine.make_model import make_model
 from services.prefix_store import block_key
@@ -98,8 +99,11 @@ def cold(model: str, prompt: list[int]) -> list[int]:
 
 
 def keys_of(model: str, prompt: list[int]) -> list[str]:
+    """The Redis keys the apps' workers write: their KV dtype (``dtype: auto`` as resolved on
+    this machine, bf16 on AVX512_BF16 CPUs) is part of the hash seed."""
     fp = checkpoint_fingerprint(model)
-    return [block_key(fp, h) for h in block_hash_chain(hash_seed(fp, "float32", BS), prompt, BS)]
+    kv_dtype = str(resolve_device(EngineConfig(model, device="cpu"))[1]).removeprefix("torch.")
+    return [block_key(fp, h) for h in block_hash_chain(hash_seed(fp, kv_dtype, BS), prompt, BS)]
 
 
 def wait_written(client, keys: list[str], timeout_s: float = 10.0) -> None:

@@ -152,7 +152,7 @@ def test_blob_evicted_between_exists_and_get_is_a_clean_miss(redis_server, rclie
     layout = BlockLayout(dtype, shape)
     hashes = [bytes([i]) * 32 for i in range(6)]
     for h in hashes:
-        rclient.set(block_key(fp, h), encode_block(torch.ones(shape)))
+        rclient.set(block_key(fp, h), encode_block(torch.ones(shape, dtype=layout.torch_dtype)))
 
     class Racy(PrefixStore):
         async def _exists(self, keys):
