@@ -9,7 +9,9 @@ experts read from the safetensors files on demand) and ``remote`` (the experts i
 ``--no-remote`` skips it), each in a fresh process (clean RSS):
 the checkpoint's page cache is dropped first (``posix_fadvise(DONTNEED)`` on every file,
 which drops the clean pages no one maps; ``--drop-caches``: ``/proc/sys/vm/drop_caches`` as
-root, the whole machine's), then per concurrency c, c greedy requests (``--prompt-len`` random
+root, the whole machine's), then one unmeasured warm-up batch at the largest concurrency
+(``--warmup-tokens``: fills the expert cache, so 100% resident is not measured cold), then per
+concurrency c, c greedy requests (``--prompt-len`` random
 ids, ``--output-len`` new tokens, ignore_eos) submitted together; decode tok/s = tokens after
 each request's first / (last finish - first token of the batch). Reported beside it: the
 offload cache's hit rate, Belady's oracle hit rate on the same trace, prefetch hits, bytes
@@ -36,6 +38,7 @@ from pathlib import Path
 from bench.workload import CpuMonitor, prompts, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
+WARMUP_SEED = 500_000  # the warm-up batch's prompts: a seed no measured level uses (theirs are c)
 
 
 def drop_page_cache(path: Path, system_wide: bool = False) -> str:
@@ -135,6 +138,9 @@ def measure(args: argparse.Namespace, build, cs: list[int], how: str, shards=Non
     engine = build()
     out = {"config": args.one, "page_cache": how, "load_s": time.perf_counter() - t0, "levels": []}
     vocab = engine.model_config.vocab_size
+    if args.warmup_tokens > 0:  # unmeasured: fills the expert cache (and the page cache) first
+        out["warmup"] = decode_rate(engine, prompts(max(cs), args.prompt_len, seed=WARMUP_SEED, vocab=vocab),
+                                    args.warmup_tokens)
     for c in cs:
         before, calls = expert_totals(engine), len(shards.latencies) if shards else 0
         level = decode_rate(engine, prompts(c, args.prompt_len, seed=c, vocab=vocab), args.output_len)
@@ -179,6 +185,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", default="1,8")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--warmup-tokens", type=int, default=8,
+                   help="tokens of one unmeasured batch (the largest concurrency) before the levels; 0: none")
     p.add_argument("--policy", default="decay")
     p.add_argument("--no-prefetch", action="store_true")
     p.add_argument("--policies", action="store_true", help="replay the offload runs' traces through every policy")
@@ -206,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "bench.moe", "--one", config, "--model", str(path),
                "--concurrency", args.concurrency, "--prompt-len", str(args.prompt_len),
                "--output-len", str(args.output_len), "--policy", args.policy, "--trace-out", str(trace),
-               "--remote-shards", str(args.remote_shards)]
+               "--remote-shards", str(args.remote_shards), "--warmup-tokens", str(args.warmup_tokens)]
         cmd += ["--no-prefetch"] * args.no_prefetch + ["--drop-caches"] * args.drop_caches
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
