@@ -22,27 +22,11 @@ import statistics
 import time
 from pathlib import Path
 
+from router.processes import descendants
+
 DEPLOYMENT = "ExpertWorker"
 CALL_TIMEOUT_S = 60.0  # a loaded 2-core box answers late; the bench measures, it does not fail fast
 EXIT_WAIT_S = 20.0
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below ``pid`` (children, their children, ...), from /proc."""
-    parent = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    out, frontier = [], [pid]
-    while frontier:
-        kids = [p for p, pp in parent.items() if pp in frontier]
-        out += kids
-        frontier = kids
-    return out
 
 
 def alive(pid: int) -> bool:
@@ -133,7 +117,7 @@ class ExpertShardApps:
     def __exit__(self, *exc) -> None:
         from router import launcher
 
-        started = descendants(os.getpid())
+        started = sorted(descendants(os.getpid()) - {os.getpid()})
         try:
             launcher.shutdown()
         finally:

@@ -18,24 +18,16 @@ import re
 import signal
 from pathlib import Path
 
+from router import processes
+
 RAYLET_STARTUP_TIMEOUT = "timed out during startup"  # Ray's message when no raylet registered
 _SESSION = re.compile(r"(/\S*?/session_\d[^/\s]*)")
 
 
 def children(parent: int) -> dict[int, str]:
-    """{pid: command line} of the live child processes of ``parent``, as /proc shows them."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-            found[int(entry)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
-    return found
+    """{pid: command line} of the live child processes of ``parent``."""
+    found = {pid: processes.command_line(pid) for pid in processes.children(parent)}
+    return {pid: command for pid, command in found.items() if command is not None}
 
 
 def newest_session(commands: list[str]) -> str | None:

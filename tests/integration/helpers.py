@@ -88,7 +88,7 @@ def tandem_serve(model: str | None, port: int, log: Path, *extra: str, timeout_s
         yield proc
     finally:
         if proc.poll() is None:
-            from tests.integration.listeners import descendants
+            from router.processes import descendants
 
             below = descendants(proc.pid) - {proc.pid}  # redis-server and Ray's daemons have their own sessions
             os.killpg(proc.pid, signal.SIGKILL)

@@ -31,7 +31,8 @@ from protos.tandem.v1 import admin_pb2, admin_pb2_grpc
 from protos.tandem.v1 import generation_pb2 as pb
 from protos.tandem.v1 import generation_pb2_grpc as pb_grpc
 from tests.integration.helpers import free_port, tandem_serve
-from tests.integration.listeners import descendants, listeners
+from router.processes import descendants
+from tests.integration.listeners import listeners
 
 KEY_A, KEY_B, ADMIN = "alice-" + "a" * 24, "bob-" + "b" * 24, "admin-" + "c" * 24
 REDIS_PASSWORD = "s3cret \"pass\" word"
