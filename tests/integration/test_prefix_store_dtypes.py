@@ -6,34 +6,17 @@ counted miss that is deleted, not a crash and not a reinterpretation of its byte
 import asyncio
 
 import pytest
-import redis
 import torch
 
 from services.engine import LLM
 from services.prefix_store import BlockLayout, PrefixStore, block_key
 from services.prefix_store.blob import HEADER
-from services.prefix_store.server import LocalRedisServer
 from services.prefix_store.tier import PrefixCacheTier
 from services.serving_engine import ServingEngine
-from tests.integration.test_prefix_store import BS, GREEDY, PROMPT, config, generate
+from tests.integration.test_prefix_store import (BS, GREEDY, PROMPT, config, generate,  # noqa: F401 (fixtures)
+                                                 rclient, redis_server)
 
 PROMPT2 = PROMPT + [7, 8, 9, 10, 11] * 8  # 1,064 tokens: the 64 blocks of PROMPT, then 40 new tokens
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    server = LocalRedisServer(maxmemory="64mb")
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture()
-def rclient(redis_server):
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    yield client
-    client.close()
 
 
 def serve(model, store_config, prompt, dtype, rid="r"):
