@@ -168,6 +168,27 @@ def test_decode_attention_reads_the_paged_cache(ops, heads, hkv, window, d):
     _close(got, _reference_decode(q.contiguous(), cache, tables, lens, 0.35, window))
 
 
+# the avx512 build's 512-bit path (head_dim % 16 == 0): key tiles of 16 rows across blocks of 16 and
+# of 5 (a tile spans blocks), partial last tiles, G = 1, 7 (qwen2.5-0.5b) and 16 (two groups of 8
+# query heads in the value pass), head_dim 16, 64 and 128 (value passes of 1, 4 and 2 x 4 zmm)
+@pytest.mark.parametrize("heads,hkv,d", [(3, 3, 64), (14, 2, 64), (16, 1, 16), (9, 3, 128), (32, 2, 64)])
+@pytest.mark.parametrize("block_size", [16, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_long_sequences(ops, heads, hkv, d, block_size, dtype):
+    g = torch.Generator().manual_seed(heads * 100 + d + block_size)
+    lens = torch.tensor([1, 17, 16 * 7 + 3, 150])
+    width = -(-150 // block_size)
+    cache = torch.randn(kv_cache_shape(4 * width + 3, block_size, hkv, d), generator=g).to(dtype)
+    tables = torch.randperm(4 * width + 3, generator=g)[:4 * width].view(4, width).contiguous()
+    q = torch.randn(4, heads, d, generator=g)
+    for window in (0, 37):
+        got = ops.decode_attention(q, cache, tables, lens, 0.2, window)
+        _close(got, _reference_decode(q, cache.float(), tables, lens, 0.2, window or None))
+    # a row's result does not depend on the rows batched with it
+    alone = ops.decode_attention(q[2:3], cache, tables[2:3], lens[2:3], 0.2, 0)
+    assert torch.equal(alone, ops.decode_attention(q, cache, tables, lens, 0.2, 0)[2:3])
+
+
 def test_decode_attention_rejects_bad_tables(ops):
     cache, q = _cache(), torch.randn(1, 2, 8)
     with pytest.raises(RuntimeError, match="outside the cache"):

@@ -30,7 +30,8 @@ from services.engine.kernels.variants import AUTO, TORCH, KernelVariant, pick_va
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("cpu_ops.cpp", "panel_linear.cpp", "panel_gemm.cpp", "bf16_linear.cpp", "prefill_attention.cpp")]
+           for name in ("cpu_ops.cpp", "panel_linear.cpp", "panel_gemm.cpp", "bf16_linear.cpp", "prefill_attention.cpp",
+                         "decode_attention512.cpp")]
 ENV_SWITCH = "TANDEM_CPU_KERNELS"  # auto | avx512 | avx2 | torch ("0" = torch, "1" = auto); read by services/engine/env.py
 
 

@@ -306,6 +306,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, con
     std::vector<float> acc(G * D);
     std::vector<const float*> qs(G);
     std::vector<float> mx(G), inv(G);
+#if TANDEM_AVX512
+    std::vector<float> kbuf(16 * D);
+    std::vector<float*> outs(G);
+#endif
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / Hkv, h = i % Hkv, L = lens[b];
       const int64_t start = window > 0 ? std::max<int64_t>(0, L - window) : 0;
@@ -313,6 +317,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, con
       const C* Kh = Kc + h * N * bs * D;
       const C* Vh = Vc + h * N * bs * D;
       for (int64_t g = 0; g < G; ++g) qs[g] = Q + b * q.stride(0) + (h * G + g) * q.stride(1);
+#if TANDEM_AVX512
+      for (int64_t g = 0; g < G; ++g) outs[g] = O + (b * H + h * G + g) * D;
+      if (decode_head_512(qs.data(), G, Kh, Vh, table, bs, D, start, L, sc, p.data(), kbuf.data(), outs.data()))
+        continue;
+#endif
       std::fill(mx.begin(), mx.end(), -INFINITY);
       for (int64_t t = start; t < L;) {  // block by block: one table lookup per block
         const int64_t blk = t / bs, end = std::min(L, (blk + 1) * bs);
@@ -523,8 +532,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   op_isa["linear_small"] = linear_small_isa();
   op_isa["linear_bf16"] = linear_bf16_isa();
   op_isa["linear_medium"] = TANDEM_AVX512 ? "avx512" : "torch (batched matmul over the panels)";
-  for (const char* op : {"rms_norm", "rope_", "silu_and_mul", "write_kv", "decode_attention", "prefill_attention"})
+  for (const char* op : {"rms_norm", "rope_", "silu_and_mul", "write_kv", "prefill_attention"})
     op_isa[op] = "avx2";
+  op_isa["decode_attention"] = TANDEM_AVX512 ? "avx512 (head_dim % 16 == 0, else avx2)" : "avx2";
   op_isa["DecodeStack"] = std::string("linear_small ") + linear_small_isa() + (TANDEM_AVX512 ? ", linear_medium avx512" : "") +
                           ", linear_bf16 " + linear_bf16_isa() +
                           ", the rest avx2";

@@ -105,6 +105,16 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
                        int64_t n_out, bool dot);
 bool bf16_dot_supported();       // this build and CPU run vdpbf16ps
 const char* linear_bf16_isa();   // "avx512_bf16", "avx512" or "avx2"
+#if TANDEM_AVX512
+// decode_attention512.cpp: one (sequence, KV head) item of decode attention, 512-bit. qs[g]: the
+// G query rows; Kh / Vh: the KV head's keys / values in the paged cache (C = float or uint16_t,
+// bf16 bits), rows [start, L) through table (bs rows a block); p: G (L - start) floats of
+// scratch; kbuf: 16 D floats of scratch; outs[g]: the G output rows (D floats). False, with
+// nothing written, where there is no plan (D % 16 != 0).
+template <typename C>
+bool decode_head_512(const float* const* qs, int64_t G, const C* Kh, const C* Vh, const int64_t* table, int64_t bs,
+                     int64_t D, int64_t start, int64_t L, float scale, float* p, float* kbuf, float* const* outs);
+#endif
 // prefill_attention.cpp
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                              int64_t window);
