@@ -13,9 +13,16 @@
 // Numerics: fp32 throughout (bf16 is widened exactly), the same products as the 256-bit code,
 // summed in another order. A row's result depends only on its own sequence, never on the batch.
 //
-// Measured (AMD EPYC Zen 4, 2 cores; /tmp/s25/att_ab.py: one process, both builds, alternating,
-// median of 15, bf16 cache, block_size 16): see the numbers in decode_attention's comment in
-// cpu_ops.cpp.
+// Why hand-written: torch has no paged decode attention on CPU (the module path gathers the
+// blocks and runs baddbmm + softmax + bmm). Measured against the 256-bit loops (the avx2 build),
+// AMD EPYC Zen 4 (avx512-bf16), 2 threads, quiet; one process, both builds alternating, median
+// of 15 x 10 calls, bf16 cache, block_size 16, head_dim 64 (/tmp/s25/att_ab.py, 2026-12-03
+// 15:50 UTC), ms per call:
+//
+//   heads / KV heads       B = 32, L = 250     B = 8, L = 250     B = 1, L = 800
+//   12 / 4 (dense-100m)    0.613 -> 0.322      0.148 -> 0.085     0.059 -> 0.034
+//   9 / 3 (SmolLM2)        0.429 -> 0.233      0.103 -> 0.062     0.045 -> 0.034
+//   14 / 2 (qwen2.5-0.5b)  0.811 -> 0.303      0.208 -> 0.082     0.084 -> 0.038
 
 #include "simd.h"
 
