@@ -115,8 +115,9 @@ TANDEM_BF16_TARGET inline void dot_step(__m512 (&c)[MR][4], const uint32_t* xb, 
 // it, each panel's first row group waited on memory while the others ran from L2. Measured,
 // dense-100m's 33 matrices, 2 threads, one process, both builds alternating, median of 9 (AMD
 // EPYC Zen 4, avx512-bf16; /tmp/s25/lin_ab.py, 2026-12-03 16:10 UTC), ms per step's linears:
-// 1 row 6.21 -> 6.12, 8 rows 8.60 -> 7.98, 16 rows 11.63 -> 9.38, 32 rows 16.92 -> 15.61,
-// 128 rows 62.6 -> 65.1 (one group per item prefetches nothing past 64 rows: noise).
+// 1 row 6.21 -> 6.12, 8 rows 8.60 -> 7.98, 16 rows 11.63 -> 9.38, 32 rows 16.92 -> 15.61; and at
+// 16:35, 16 rows 8.94 -> 8.03, 32 rows 14.87 -> 14.52, but 128 rows 49.9 -> 52.9 (repeated: 49.6
+// -> 54.0), so only decode batches (<= 64 rows, one row block a panel) prefetch.
 struct Prefetch {
   const char* from = nullptr;
   int64_t lines = 0;
@@ -124,7 +125,7 @@ struct Prefetch {
 
 // "dot": MR rows of x as bf16 pairs (xb, rows ldb words apart) against the whole pair panel P:
 // MR x 4 zmm accumulators, each k pair row of the panel (4 zmm) loaded once for the MR rows.
-template <int MR>
+template <int MR, bool PF>
 TANDEM_BF16_TARGET inline void pair_rows_dot(const uint32_t* xb, int64_t ldb, int64_t K2, const uint32_t* P,
                                              float* out, Prefetch pf) {
   __m512 c[MR][4];
@@ -136,7 +137,8 @@ TANDEM_BF16_TARGET inline void pair_rows_dot(const uint32_t* xb, int64_t ldb, in
   const int64_t per_step = L > 0 ? (pf.lines + L - 1) / L : 0;
   int64_t line = 0;
   for (int64_t i = 0; i < L; ++i) {
-    for (int64_t e = line + per_step; line < e && line < pf.lines; ++line) _mm_prefetch(pf.from + 64 * line, _MM_HINT_T1);
+    if constexpr (PF)
+      for (int64_t e = line + per_step; line < e && line < pf.lines; ++line) _mm_prefetch(pf.from + 64 * line, _MM_HINT_T1);
 #pragma GCC unroll 4
     for (int64_t s = 0; s < kStreamsBf16; ++s) dot_step<MR>(c, xb, ldb, P, s * L + i);
   }
@@ -149,11 +151,19 @@ TANDEM_BF16_TARGET inline void pair_rows_dot(const uint32_t* xb, int64_t ldb, in
 
 TANDEM_BF16_TARGET void dot_group(int64_t MR, const uint32_t* xb, int64_t ldb, int64_t K2, const uint32_t* P,
                                   float* out, Prefetch pf) {
+  if (pf.lines > 0) {
+    switch (MR) {
+      case 1: return pair_rows_dot<1, true>(xb, ldb, K2, P, out, pf);
+      case 2: return pair_rows_dot<2, true>(xb, ldb, K2, P, out, pf);
+      case 3: return pair_rows_dot<3, true>(xb, ldb, K2, P, out, pf);
+      default: return pair_rows_dot<4, true>(xb, ldb, K2, P, out, pf);
+    }
+  }
   switch (MR) {
-    case 1: return pair_rows_dot<1>(xb, ldb, K2, P, out, pf);
-    case 2: return pair_rows_dot<2>(xb, ldb, K2, P, out, pf);
-    case 3: return pair_rows_dot<3>(xb, ldb, K2, P, out, pf);
-    default: return pair_rows_dot<4>(xb, ldb, K2, P, out, pf);
+    case 1: return pair_rows_dot<1, false>(xb, ldb, K2, P, out, pf);
+    case 2: return pair_rows_dot<2, false>(xb, ldb, K2, P, out, pf);
+    case 3: return pair_rows_dot<3, false>(xb, ldb, K2, P, out, pf);
+    default: return pair_rows_dot<4, false>(xb, ldb, K2, P, out, pf);
   }
 }
 #endif
@@ -234,7 +244,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
       // the item's first row group reads its panel from memory, the later ones from L2: they
       // fetch the thread's next panel meanwhile, a share each (none when the item has one group)
       const int64_t groups = (r1 - r0 + 3) / 4;
-      const bool next_panel = item + 1 < i1 && (item + 1) / blocks != b;
+      // (decode batches only: one row block per panel; measured, prompt chunks lost 6-8% with it)
+      const bool next_panel = blocks == 1 && item + 1 < i1;
       const int64_t share = groups > 1 ? (K2 * kPanel * 4 / 64 + groups - 2) / (groups - 1) : 0;
       for (int64_t m0 = r0; m0 < r1; m0 += 4) {
         const int64_t mr = std::min<int64_t>(4, r1 - m0), gi = (m0 - r0) / 4;
