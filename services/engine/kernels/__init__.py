@@ -1,4 +1,4 @@
-"""Tandem's own CPU kernels (``cpu_ops.cpp``, ``panel_linear.cpp``, ``prefill_attention.cpp``,
+"""Tandem's own CPU kernels (``SOURCES``: ``cpu_ops.cpp``, the linears, the attentions, and
 ``simd.h``), compiled per ISA variant on first use with torch's extension builder.
 
 ``load_cpu_ops(variant=None)`` returns the compiled module of the variant this machine runs

@@ -1,6 +1,6 @@
 """The kernel variants: one build of the same sources per ISA level, and the rule that picks one.
 
-Every variant compiles cpu_ops.cpp, panel_linear.cpp and prefill_attention.cpp with its own
+Every variant compiles the kernel sources (``SOURCES`` in __init__.py) with its own
 ``-m`` flags into its own extension module (simd.h's TANDEM_AVX512 selects the 512-bit code
 paths, an inline namespace keeps the builds' symbols apart), so one checkout serves every x86
 machine and nothing depends on the building machine: no ``-march=native``. The flags name
