@@ -241,22 +241,20 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
       const int64_t b = item / blocks, r0 = item % blocks * kRowBlock, r1 = std::min(M, r0 + kRowBlock);
       const uint32_t* P = W + b * K2 * kPanel;
       const int64_t cols = std::min(kPanel, n_out - b * kPanel);
-#if TANDEM_AVX512
-      // The item's first row group reads its panel from memory, the later ones from L2: they
-      // fetch the thread's next panel meanwhile, a share each (none when the item has one group).
-      // Decode batches only (one row block a panel): measured, prompt chunks lost 6-8% with it.
-      const int64_t groups = (r1 - r0 + 3) / 4, panel_lines = K2 * kPanel * 4 / 64;
-      const bool next_panel = blocks == 1 && item + 1 < i1 && groups > 1;
-      const int64_t share = next_panel ? (panel_lines + groups - 2) / (groups - 1) : 0;
-#endif
+      // the item's first row group reads its panel from memory, the later ones from L2: they
+      // fetch the thread's next panel meanwhile, a share each (none when the item has one group)
+      const int64_t groups = (r1 - r0 + 3) / 4;
+      // (decode batches only: one row block per panel; measured, prompt chunks lost 6-8% with it)
+      const bool next_panel = blocks == 1 && item + 1 < i1;
+      const int64_t share = groups > 1 ? (K2 * kPanel * 4 / 64 + groups - 2) / (groups - 1) : 0;
       for (int64_t m0 = r0; m0 < r1; m0 += 4) {
-        const int64_t mr = std::min<int64_t>(4, r1 - m0);
+        const int64_t mr = std::min<int64_t>(4, r1 - m0), gi = (m0 - r0) / 4;
 #if TANDEM_AVX512
         Prefetch pf;
-        if (const int64_t gi = (m0 - r0) / 4; next_panel && gi > 0) {
-          const int64_t first = (gi - 1) * share;
+        if (next_panel && gi > 0) {
+          const int64_t first = (gi - 1) * share, total = K2 * kPanel * 4 / 64;
           pf = {reinterpret_cast<const char*>(W + (b + 1) * K2 * kPanel) + 64 * first,
-                std::max<int64_t>(0, std::min(share, panel_lines - first))};
+                std::max<int64_t>(0, std::min(share, total - first))};
         }
         if (dot)
           dot_group(mr, xb.data() + m0 * K2, K2, K2, P, out, pf);
